@@ -1,0 +1,324 @@
+"""``SparsifyConfig``: what to sparsify and how the topology evolves.
+
+A method preset (``"chtss"``, ``"chts"``, ``"cht"``, ``"set"``, ``"rigl"``,
+``"gmp"``, ``"dense"``) fills every field left at ``None`` with the values of
+ALGORITHMS.md §7; fields given explicitly override the preset. The config is
+validated on construction and round-trips through JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("chtss", "chts", "cht", "set", "rigl", "gmp", "dense")
+INITS = ("er", "bsw", "brf", "bsf", "csti", "dense")
+REMOVALS = ("soft", "rigid", "none")
+REGROWTHS = ("ch2_l3n", "ch3_l3n", "ch3_l3", "random", "gradient", "none")
+SELECTIONS = ("soft", "rigid")
+SCHEDULES = ("sigmoid", "cubic", "constant")
+DEGREE_MODES = ("uniform", "fixed")
+ZETA_SCHEDULES = ("cosine", "constant")
+
+# ALGORITHMS.md §7: methods as configurations. Values applied to fields left None.
+PRESETS: dict[str, dict[str, Any]] = {
+    "set": dict(init="er", removal="rigid", removal_alpha=1.0, regrowth="random", schedule="constant", percolation=False),
+    "rigl": dict(init="er", removal="rigid", removal_alpha=1.0, regrowth="gradient", schedule="constant", percolation=False),
+    "cht": dict(
+        init="bsw", removal="rigid", removal_alpha=1.0, regrowth="ch3_l3", regrowth_selection="rigid",
+        schedule="constant", percolation=True,
+    ),
+    "chts": dict(
+        init="brf", removal="soft", removal_alpha=1.0, regrowth="ch2_l3n", regrowth_selection="soft",
+        schedule="constant", percolation=True,
+    ),
+    "chtss": dict(
+        initial_density=1.0, init="brf", removal="soft", removal_alpha=1.0, prune_alpha=0.0, regrowth="ch2_l3n",
+        regrowth_selection="soft", schedule="sigmoid", percolation=True,
+    ),
+    "gmp": dict(
+        initial_density=1.0, init="dense", removal="none", prune_alpha=1.0, regrowth="none", schedule="cubic",
+        percolation=False,
+    ),
+    "dense": dict(
+        target_density=1.0, initial_density=1.0, init="dense", removal="none", regrowth="none", schedule="constant",
+        percolation=False,
+    ),
+}
+
+# Fallbacks for fields no preset sets.
+DEFAULTS: dict[str, Any] = dict(
+    init="brf", removal="soft", removal_alpha=1.0, prune_alpha=0.0, regrowth="ch2_l3n", regrowth_selection="soft",
+    schedule="constant", percolation=True,
+)
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"SparsifyConfig.{field_name}={value!r} is invalid: {allowed}.")
+
+
+@dataclass
+class SparsifyConfig:
+    """Configuration of sparse training with the Cannistraci-Hebb rules.
+
+    Args:
+        method: preset filling the defaults of ALGORITHMS.md §7: ``"chtss"``
+            (sigmoid density decay, soft removal, CH2-L3n soft regrowth),
+            ``"chts"``, ``"cht"``, ``"set"``, ``"rigl"``, ``"gmp"`` or ``"dense"``.
+        target_density: fraction of live links per sparsified layer at the end, in (0, 1].
+        initial_density: density at the start (``None``: the preset's; CHTss starts
+            dense at 1.0, constant-density methods at ``target_density``).
+        init: initial topology when starting below density 1 (§2): ``er``, ``bsw``,
+            ``brf``, ``bsf``, ``csti`` or ``dense``.
+        init_beta: rewiring probability of ``bsw`` in [0, 1].
+        init_r: receptive-field radius of ``brf`` in [0, 1].
+        init_degree_mode: ``brf`` degree distribution, ``"uniform"`` or ``"fixed"``.
+        bsf_equal_partition: ``bsf`` option (every node of the first side linked).
+        reinit_weights: re-initialise live weights for their sparse fan-in (paper option).
+        removal: ``"soft"`` (sampled ∝ importance^T), ``"rigid"`` (top-k) or ``"none"``.
+        removal_alpha: α of §3, blending relative importance (0) and magnitude (1).
+        removal_delta_start / removal_delta_end: δ range of the removal temperature
+            ``T = δ/(1−δ)``, rising linearly over the update window (§3).
+        prune_alpha: α of the importance used to prune to the scheduled density
+            (CHTss: 0 = relative importance).
+        regrowth: ``"ch2_l3n"``, ``"ch3_l3n"``, ``"ch3_l3"`` (path-based CHT),
+            ``"random"`` (SET), ``"gradient"`` (RigL) or ``"none"``.
+        regrowth_selection: ``"soft"`` (sample ∝ score^T) or ``"rigid"`` (top-k).
+        regrowth_temperature: T of soft regrowth (default 1).
+        update_interval: Δ, optimizer steps between topology updates.
+        removal_fraction: ζ, fraction of live links removed (and regrown) per update.
+        removal_fraction_schedule: ``"cosine"`` (ζ_t decays to 0 at the update end) or ``"constant"``.
+        update_end_fraction: topology updates happen while ``t ≤ update_end_fraction·total_steps``.
+        schedule: density schedule, ``"sigmoid"`` (CHTss), ``"cubic"`` (GMP) or ``"constant"``.
+        sigmoid_k: steepness k of the sigmoid decay (6).
+        decay_start_fraction / decay_end_fraction: decay window as fractions of the
+            total steps (``None`` end: the update end). The final density is reached
+            exactly at the last update inside the window.
+        percolation: remove links of inactive neurons after removal (§4).
+        rope_aware: treat RoPE-mixed q/k dims as one unit in percolation (§4).
+        parity: reproduce the authors' released LLaMA code where it differs from the
+            paper: δ end 0.9 (T 1→9), RoPE-unaware percolation, rigid regrowth,
+            skipped optimizer step on update steps.
+        skip_optimizer_step_on_update: parity option of §6.
+        lr_rewarmup_steps: after each update, scale the LR by ``min(1, (t mod Δ)/w)``; 0 disables.
+        target_modules: module names, suffixes or a regex (PEFT conventions); ``None``
+            = every linear of the decoder blocks for the architecture.
+        exclude_modules: names, suffixes or a regex never sparsified.
+        seed: seed of every random choice (same on every rank).
+        ch_memory_budget_mb: dense-temporary budget above which CH scores are chunked.
+    """
+
+    method: str = "chtss"
+    target_density: float = 0.3
+    initial_density: float | None = None
+    init: str | None = None
+    init_beta: float = 0.25
+    init_r: float = 0.25
+    init_degree_mode: str = "uniform"
+    bsf_equal_partition: bool = False
+    reinit_weights: bool = False
+    removal: str | None = None
+    removal_alpha: float | None = None
+    removal_delta_start: float = 0.5
+    removal_delta_end: float | None = None
+    prune_alpha: float | None = None
+    regrowth: str | None = None
+    regrowth_selection: str | None = None
+    regrowth_temperature: float = 1.0
+    update_interval: int = 100
+    removal_fraction: float = 0.1
+    removal_fraction_schedule: str = "cosine"
+    update_end_fraction: float = 0.75
+    schedule: str | None = None
+    sigmoid_k: float = 6.0
+    decay_start_fraction: float = 0.0
+    decay_end_fraction: float | None = None
+    percolation: bool | None = None
+    rope_aware: bool | None = None
+    parity: bool = False
+    skip_optimizer_step_on_update: bool | None = None
+    lr_rewarmup_steps: int = 0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    seed: int = 0
+    ch_memory_budget_mb: int = 1024
+    # fields the user set explicitly (filled by __post_init__); not part of the public surface
+    _explicit: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or self.method.lower() not in METHODS:
+            _fail("method", self.method, f"expected one of {', '.join(METHODS)}")
+        self.method = self.method.lower()
+        explicit = tuple(
+            f.name for f in dataclasses.fields(self) if not f.name.startswith("_") and getattr(self, f.name) is not None
+        )
+        preset = PRESETS[self.method]
+        for name, value in {**DEFAULTS, **preset}.items():
+            if name in ("target_density", "initial_density") and name in preset:
+                if self.method == "dense":
+                    setattr(self, name, value)
+                continue
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.method != "dense" and self.initial_density is None:
+            self.initial_density = preset.get("initial_density", self.target_density)
+        if self.removal_delta_end is None:
+            self.removal_delta_end = 0.9 if self.parity else 0.75
+        if self.rope_aware is None:
+            self.rope_aware = not self.parity
+        if self.skip_optimizer_step_on_update is None:
+            self.skip_optimizer_step_on_update = self.parity
+        if self.parity and "regrowth_selection" not in explicit:
+            self.regrowth_selection = "rigid"
+        if self.decay_end_fraction is None:
+            self.decay_end_fraction = self.update_end_fraction
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
+        self._explicit = explicit
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, the value and what is allowed."""
+        def density(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+                _fail(name, value, "expected a density in (0, 1]")
+
+        def unit(name: str, closed_high: bool = True) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and 0.0 <= value and (value <= 1.0 if closed_high else value < 1.0)
+            if not ok:
+                _fail(name, value, f"expected a number in [0, 1{']' if closed_high else ')'}")
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                _fail(name, getattr(self, name), f"expected one of {', '.join(allowed)}")
+
+        def boolean(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "expected True or False")
+
+        density("target_density")
+        density("initial_density")
+        if self.initial_density < self.target_density:
+            _fail("initial_density", self.initial_density,
+                  f"expected initial_density >= target_density ({self.target_density}); densities only decrease")
+        if self.schedule == "constant" and not math.isclose(self.initial_density, self.target_density):
+            _fail("initial_density", self.initial_density,
+                  f"schedule 'constant' (method {self.method!r}) keeps the density fixed: set initial_density equal "
+                  f"to target_density ({self.target_density}) or use schedule='sigmoid'/'cubic'")
+        choice("init", INITS)
+        unit("init_beta")
+        unit("init_r")
+        choice("init_degree_mode", DEGREE_MODES)
+        choice("removal", REMOVALS)
+        unit("removal_alpha")
+        unit("prune_alpha")
+        unit("removal_delta_start", closed_high=True)
+        unit("removal_delta_end", closed_high=True)
+        if self.removal_delta_end < self.removal_delta_start:
+            _fail("removal_delta_end", self.removal_delta_end,
+                  f"expected >= removal_delta_start ({self.removal_delta_start})")
+        choice("regrowth", REGROWTHS)
+        choice("regrowth_selection", SELECTIONS)
+        if not isinstance(self.regrowth_temperature, (int, float)) or self.regrowth_temperature < 0:
+            _fail("regrowth_temperature", self.regrowth_temperature, "expected a number >= 0 (math.inf = top-k)")
+        if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
+            _fail("update_interval", self.update_interval, "expected a positive integer number of optimizer steps")
+        unit("removal_fraction", closed_high=False)
+        choice("removal_fraction_schedule", ZETA_SCHEDULES)
+        unit("update_end_fraction")
+        choice("schedule", SCHEDULES)
+        if not isinstance(self.sigmoid_k, (int, float)) or self.sigmoid_k <= 0:
+            _fail("sigmoid_k", self.sigmoid_k, "expected a number > 0")
+        unit("decay_start_fraction")
+        unit("decay_end_fraction")
+        if self.decay_end_fraction <= self.decay_start_fraction and self.schedule != "constant":
+            _fail("decay_end_fraction", self.decay_end_fraction,
+                  f"expected > decay_start_fraction ({self.decay_start_fraction})")
+        if self.decay_end_fraction > self.update_end_fraction + 1e-12 and self.schedule != "constant":
+            _fail("decay_end_fraction", self.decay_end_fraction,
+                  f"the decay window must end no later than update_end_fraction ({self.update_end_fraction}) "
+                  "so the final density is exactly the target")
+        for name in ("bsf_equal_partition", "reinit_weights", "percolation", "rope_aware", "parity",
+                     "skip_optimizer_step_on_update"):
+            boolean(name)
+        if isinstance(self.lr_rewarmup_steps, bool) or not isinstance(self.lr_rewarmup_steps, int) or self.lr_rewarmup_steps < 0:
+            _fail("lr_rewarmup_steps", self.lr_rewarmup_steps, "expected an integer >= 0 (0 disables)")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                _fail(name, value, "expected None, a regex string, or a list of module names/suffixes")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            _fail("seed", self.seed, "expected a non-negative integer")
+        if isinstance(self.ch_memory_budget_mb, bool) or not isinstance(self.ch_memory_budget_mb, int) or self.ch_memory_budget_mb < 1:
+            _fail("ch_memory_budget_mb", self.ch_memory_budget_mb, "expected a positive integer (MiB)")
+        if self.init == "csti" and self.initial_density >= 1.0:
+            _fail("init", self.init, "csti builds a sparse start; it needs initial_density < 1")
+
+    # --------------------------------------------------------------- helpers
+    @property
+    def is_dense(self) -> bool:
+        """True when nothing is ever sparsified (method 'dense' or density 1 throughout)."""
+        return self.target_density >= 1.0 and self.initial_density >= 1.0
+
+    @property
+    def removal_temperature_range(self) -> tuple[float, float]:
+        """(T_start, T_end) from the δ range, ``T = δ/(1−δ)`` (§3)."""
+        def temperature(delta: float) -> float:
+            return math.inf if delta >= 1.0 else delta / (1.0 - delta)
+
+        return temperature(self.removal_delta_start), temperature(self.removal_delta_end)
+
+    # ------------------------------------------------------------ JSON I/O
+    def to_dict(self) -> dict[str, Any]:
+        """All resolved fields as plain JSON-able values."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        for key, value in data.items():
+            if isinstance(value, float) and math.isinf(value):
+                data[key] = "inf"
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparsifyConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming the key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"SparsifyConfig.from_dict expects a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            import difflib
+
+            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
+                     for k in unknown]
+            raise ValueError(f"unknown SparsifyConfig field(s): {', '.join(hints)}")
+        values = {k: (math.inf if v == "inf" else v) for k, v in data.items()}
+        return cls(**values)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON (atomically)."""
+        from .io_utils import atomic_write_text
+
+        atomic_write_text(path, self.to_json_string() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SparsifyConfig":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); the file may be truncated or corrupted") from error
+        return cls.from_dict(data.get("config", data) if "config" in data and isinstance(data["config"], dict) else data)

@@ -1,0 +1,399 @@
+"""``SparseTrainingEngine``: owns the masks' evolution, the step counter and the RNG.
+
+At every update step (ALGORITHMS.md §6) it runs, for every sparsified layer
+(each row block of a fused layer on its own):
+
+1. prune to the scheduled density by importance top-k (§3, α = ``prune_alpha``),
+2. soft (or rigid) removal of a fraction ζ_t of the live links (§3),
+3. network percolation over the coupled layers of the model (§4),
+4. regrowth back to the scheduled density (§5),
+
+then writes the masks into the layers, zeroes the weights and the optimizer
+moments of removed and regrown links, and records per-update statistics.
+
+Usage in a hand-written loop::
+
+    engine = SparseTrainingEngine(model, config, total_steps=num_steps, optimizer=optimizer)
+    for batch in loader:
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step(); optimizer.zero_grad()
+        engine.step()              # after optimizer.step()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .config import SparsifyConfig
+from .layers import SparseLayerMixin, sparse_layers
+from .model import find_state, sparsify
+from .schedules import SparseSchedule, lr_rewarmup_multiplier
+from .topology.init import allocate_links, count_links
+from .topology.percolation import active_neurons, percolate
+from .topology.regrowth import regrow
+from .topology.removal import prune_to_count, soft_removal
+
+logger = logging.getLogger(__name__)
+
+ENGINE_STATE_VERSION = 1
+
+
+@dataclass
+class UpdateStats:
+    """What one topology update did."""
+
+    step: int
+    target_density: float
+    density: float
+    anp: float
+    removed: int
+    regrown: int
+    overlap: float  # |removed ∩ regrown| / |regrown| (epitopological local minimum indicator)
+    removal_fraction: float
+    temperature: float
+    seconds: float
+    layer_density: dict[str, float] = field(default_factory=dict)
+
+    def to_log(self, prefix: str = "sparsity/", per_layer: bool = True) -> dict[str, float]:
+        """Flat metrics for ``Trainer.log`` / ``accelerator.log``."""
+        logs = {
+            f"{prefix}density": self.density,
+            f"{prefix}target_density": self.target_density,
+            f"{prefix}anp": self.anp,
+            f"{prefix}removed": float(self.removed),
+            f"{prefix}regrown": float(self.regrown),
+            f"{prefix}overlap": self.overlap,
+            f"{prefix}removal_fraction": self.removal_fraction,
+            f"{prefix}update_seconds": self.seconds,
+        }
+        if per_layer:
+            logs.update({f"{prefix}layer/{name}": value for name, value in self.layer_density.items()})
+        return logs
+
+
+class SparseTrainingEngine:
+    """The per-update algorithm over all sparsified layers of one model.
+
+    Args:
+        model: the model (sparsified already, or sparsified here with ``config``);
+            wrappers such as DDP or peft are looked through.
+        config: used only when the model is not sparsified yet.
+        total_steps: optimizer steps of the whole run; sizes every schedule.
+        optimizer: if given, the engine masks gradients before and weights after
+            each ``optimizer.step()`` and resets the moments of changed links.
+        lr_scheduler: if given and ``config.lr_rewarmup_steps > 0``, its LR is
+            multiplied by the re-warm-up factor after each update.
+    """
+
+    def __init__(self, model: nn.Module, config: SparsifyConfig | None = None, *, total_steps: int,
+                 optimizer: torch.optim.Optimizer | None = None, lr_scheduler=None) -> None:
+        if find_state(model) is None:
+            sparsify(_unwrap(model), config)
+        state = find_state(model)
+        if config is not None and config.to_dict() != state.config.to_dict():
+            logger.warning("hf_chts: the model was sparsified with a different config; the model's config is used")
+        self.model = model
+        self.config: SparsifyConfig = state.config
+        self.topology = state.topology
+        self.layers: dict[str, SparseLayerMixin] = dict(sorted(sparse_layers(model).items()))
+        if not self.layers and not self.config.is_dense:
+            raise ValueError(
+                "the engine finds no sparse layer in this model: it was sparsified, then wrapped or compiled in a way "
+                "that replaced its modules. Call sparsify() on the final model object before wrapping it."
+            )
+        self.schedule = SparseSchedule.from_config(self.config, total_steps)
+        self.completed_steps = 0
+        self.generator = torch.Generator()
+        self.generator.manual_seed(self.config.seed)
+        self.history: list[UpdateStats] = []
+        self.optimizer = None
+        self._hook_handles: list = []
+        self._dense_grads: dict[str, torch.Tensor] = {}
+        self._skip_next_optimizer_step = False
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+        if lr_scheduler is not None:
+            self.attach_lr_scheduler(lr_scheduler)
+
+    # ------------------------------------------------------------ optimizer
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mask gradients before and weights after every step of ``optimizer`` (§1)."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        model_params = {id(p) for p in self.model.parameters()}
+        foreign = held - model_params
+        if foreign:
+            raise ValueError(
+                f"the optimizer holds {len(foreign)} parameter(s) that are not parameters of this model: the model was "
+                "copied, re-created or wrapped after the optimizer was built. Create the optimizer from the model the "
+                "engine sees (sparsify first, then build the optimizer, then the engine)."
+            )
+        trainable = [name for name, layer in self.layers.items() if layer.weight.requires_grad]
+        if trainable and not any(id(self.layers[name].weight) in held for name in trainable):
+            raise ValueError("the optimizer holds none of the sparse layers' weights; build it from this model")
+        self.optimizer = optimizer
+        self._hook_handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+        self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        if self.config.skip_optimizer_step_on_update:
+            self._wrap_optimizer_step(optimizer)
+
+    def _wrap_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        original_step = optimizer.step
+
+        def step(*args, **kwargs):
+            if self._skip_next_optimizer_step:
+                self._before_optimizer_step(optimizer, args, kwargs)  # still capture/mask gradients
+                return None
+            return original_step(*args, **kwargs)
+
+        optimizer.step = step
+
+    def attach_lr_scheduler(self, scheduler) -> None:
+        """Multiply a ``LambdaLR``-style scheduler's factors by the re-warm-up multiplier (§6)."""
+        if self.config.lr_rewarmup_steps <= 0:
+            return
+        scheduler = getattr(scheduler, "scheduler", scheduler)
+        if not hasattr(scheduler, "lr_lambdas"):
+            raise ValueError(
+                f"lr_rewarmup_steps needs a LambdaLR-style scheduler (transformers' get_*_schedule); got {type(scheduler).__name__}"
+            )
+        scheduler.lr_lambdas = [
+            (lambda step, base=base: base(step) * self.lr_multiplier()) for base in scheduler.lr_lambdas
+        ]
+
+    def lr_multiplier(self) -> float:
+        return lr_rewarmup_multiplier(self.completed_steps, self.schedule.update_interval,
+                                      self.config.lr_rewarmup_steps, self.schedule.update_end)
+
+    def _needs_dense_grad(self, step: int) -> bool:
+        return self.config.regrowth == "gradient" and self.schedule.is_update_step(step)
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._needs_dense_grad(self.completed_steps + 1):
+            for name, layer in self.layers.items():
+                grad = layer.logical_grad()
+                if grad is not None:
+                    self._dense_grads[name] = grad.detach().abs().float().clone()
+        for layer in self.layers.values():
+            layer.mask_grad_()
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        for layer in self.layers.values():
+            layer.apply_mask_()
+
+    def _prepare_next_step(self) -> None:
+        """Before the next backward: keep gradients dense if RigL needs them; parity step skip."""
+        upcoming = self.completed_steps + 1
+        dense = self._needs_dense_grad(upcoming)
+        for layer in self.layers.values():
+            layer.mask_gradients = not dense
+        self._skip_next_optimizer_step = (
+            self.config.skip_optimizer_step_on_update and self.schedule.is_update_step(upcoming)
+        )
+
+    # --------------------------------------------------------------- stepping
+    def step(self, completed_steps: int | None = None, *, optimizer_step_skipped: bool = False) -> UpdateStats | None:
+        """Call once after every ``optimizer.step()``; runs a topology update when one is due.
+
+        Args:
+            completed_steps: optimizer steps completed so far (e.g. ``state.global_step``);
+                by default the engine counts calls.
+            optimizer_step_skipped: True when AMP skipped the step (overflow); the
+                update due at this step is skipped too.
+        """
+        self.completed_steps = self.completed_steps + 1 if completed_steps is None else int(completed_steps)
+        stats = None
+        if self.schedule.is_update_step(self.completed_steps) and not optimizer_step_skipped:
+            stats = self.update_topology()
+        self._dense_grads.clear()
+        self._prepare_next_step()
+        return stats
+
+    def is_update_step(self, step: int) -> bool:
+        return self.schedule.is_update_step(step)
+
+    # ---------------------------------------------------------------- update
+    @torch.no_grad()
+    def update_topology(self) -> UpdateStats:
+        """Prune to schedule, remove, percolate, regrow (ALGORITHMS.md §3–§6) for every layer."""
+        started = time.perf_counter()
+        step = self.completed_steps
+        config, schedule = self.config, self.schedule
+        density = schedule.density_at(step)
+        zeta = schedule.removal_fraction_at(step) if config.removal != "none" else 0.0
+        temperature = math.inf if config.removal == "rigid" else schedule.removal_temperature_at(step)
+        old_masks = {name: layer.mask.clone() for name, layer in self.layers.items()}
+        budgets: dict[str, list[int]] = {}
+        masks: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            info = self.topology.layers[name]
+            cols = layer.mask.shape[1]
+            budgets[name] = allocate_links(count_links(density, layer.mask.numel()),
+                                           [len(block.rows) * cols for block in info.blocks])
+            weight = layer.logical_weight().detach()
+            mask = layer.mask.clone()
+            for block, budget in zip(info.blocks, budgets[name]):
+                block_mask, block_weight = mask[block.rows], weight[block.rows]
+                if int(block_mask.sum()) > budget:  # density decay: the only step that changes density
+                    block_mask = prune_to_count(block_weight, block_mask, budget, config.prune_alpha)
+                live = int(block_mask.sum())
+                n_remove = int(math.floor(zeta * live))
+                if n_remove > 0:
+                    block_mask = soft_removal(block_weight, block_mask, live - n_remove, config.removal_alpha,
+                                              temperature, generator=self.generator)
+                mask[block.rows] = block_mask
+            masks[name] = mask
+        if config.percolation and (self.topology.attention or self.topology.mlp):
+            result = percolate(masks, self.topology, rope_aware=config.rope_aware)
+            masks.update(result.masks)
+        grown_masks: dict[str, torch.Tensor] = {}
+        if config.regrowth != "none":
+            budget_bytes = config.ch_memory_budget_mb * 2**20
+            for name, layer in self.layers.items():
+                info = self.topology.layers[name]
+                mask = masks[name]
+                grown = torch.zeros_like(mask)
+                dense_grad = self._dense_grads.get(name)
+                for block, budget in zip(info.blocks, budgets[name]):
+                    block_mask = mask[block.rows]
+                    n_grow = budget - int(block_mask.sum())
+                    if n_grow <= 0:
+                        continue
+                    new_block, grown_index = regrow(
+                        block_mask, n_grow, config.regrowth, generator=self.generator,
+                        selection=config.regrowth_selection, temperature=config.regrowth_temperature,
+                        weight_grad=None if dense_grad is None else dense_grad[block.rows],
+                        ch_memory_budget_bytes=budget_bytes,
+                    )
+                    block_grown = torch.zeros(block_mask.numel(), dtype=torch.bool)
+                    block_grown[grown_index] = True
+                    mask[block.rows] = new_block
+                    grown[block.rows] = block_grown.view_as(block_mask)
+                grown_masks[name] = grown
+        removed_total = regrown_total = overlap_total = 0
+        layer_density = {}
+        for name, layer in self.layers.items():
+            new_mask = masks[name]
+            grown = grown_masks.get(name, torch.zeros_like(new_mask))
+            removed = old_masks[name] & ~(new_mask & ~grown)  # links cut during this update (incl. re-grown ones)
+            removed_total += int(removed.sum())
+            regrown_total += int(grown.sum())
+            overlap_total += int((removed & grown).sum())
+            self._apply_layer_update(layer, new_mask, grown)
+            layer_density[name] = float(new_mask.sum()) / new_mask.numel()
+        active, total = active_neurons({n: l.mask for n, l in self.layers.items()}, self.topology)
+        live = sum(int(layer.mask.sum()) for layer in self.layers.values())
+        numel = sum(layer.mask.numel() for layer in self.layers.values())
+        stats = UpdateStats(
+            step=step, target_density=density, density=live / numel,
+            anp=sum(active.values()) / max(sum(total.values()), 1),
+            removed=removed_total, regrown=regrown_total,
+            overlap=overlap_total / regrown_total if regrown_total else 0.0,
+            removal_fraction=zeta, temperature=temperature, seconds=time.perf_counter() - started,
+            layer_density=layer_density,
+        )
+        self.history.append(stats)
+        logger.debug("hf_chts update at step %d: %s", step, stats)
+        return stats
+
+    def _apply_layer_update(self, layer: SparseLayerMixin, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
+        """Write the mask, zero regrown weights, and zero the moments of cut and regrown links (§1)."""
+        layer.set_mask(new_mask)
+        keep = (new_mask & ~grown).to(layer.mask.device)  # surviving links keep weight and moments
+        weight = layer.weight
+        weight_keep = (keep.t() if layer.transposed else keep).to(weight.dtype)
+        weight.mul_(weight_keep)  # regrown links start at 0
+        if self.optimizer is not None:
+            for value in self.optimizer.state.get(weight, {}).values():
+                if torch.is_tensor(value) and value.shape == weight.shape:
+                    value.mul_(weight_keep.to(value.dtype))
+
+    # ----------------------------------------------------------- inspection
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: layer.mask for name, layer in self.layers.items()}
+
+    def density(self) -> float:
+        live = sum(int(layer.mask.sum()) for layer in self.layers.values())
+        numel = sum(layer.mask.numel() for layer in self.layers.values())
+        return live / numel if numel else 1.0
+
+    def mask_checksum(self) -> int:
+        """Cheap order-sensitive checksum of all masks (same on every rank when masks agree)."""
+        checksum = 0
+        for index, (name, layer) in enumerate(self.layers.items()):
+            flat = layer.mask.flatten().to(torch.int64)
+            positions = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+            checksum = (checksum * 1_000_003 + int((flat * (positions % 9973 + 1)).sum()) + index) % (2**61 - 1)
+        return checksum
+
+    def verify_masks_across_ranks(self) -> None:
+        """Raise ``RuntimeError`` if the masks differ between distributed ranks (debug / tests)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        local = self.mask_checksum()
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        if len(set(gathered)) != 1:
+            raise RuntimeError(f"hf_chts: masks differ across ranks at step {self.completed_steps}: checksums {gathered}")
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Step counter, RNG state, schedule size, history (masks are saved by the checkpoint code)."""
+        return {
+            "version": ENGINE_STATE_VERSION,
+            "completed_steps": self.completed_steps,
+            "total_steps": self.schedule.total_steps,
+            "generator_state": self.generator.get_state(),
+            "config": self.config.to_dict(),
+            "layers": {name: list(layer.mask.shape) for name, layer in self.layers.items()},
+            "masks": {name: layer.mask.clone().cpu() for name, layer in self.layers.items()},
+            "history": [asdict(stats) for stats in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore exactly (masks, step, RNG); validates that the state belongs to this model."""
+        if not isinstance(state, dict) or state.get("version") != ENGINE_STATE_VERSION:
+            raise ValueError("not an hf_chts engine state (missing or unknown 'version')")
+        expected = {name: list(layer.mask.shape) for name, layer in self.layers.items()}
+        if state["layers"] != expected:
+            missing = sorted(set(expected) - set(state["layers"]))
+            extra = sorted(set(state["layers"]) - set(expected))
+            wrong = sorted(n for n in set(expected) & set(state["layers"]) if expected[n] != state["layers"][n])
+            raise ValueError(
+                "engine state does not match this model: "
+                f"missing layers {missing[:5]}, unexpected layers {extra[:5]}, shape mismatch {wrong[:5]}"
+            )
+        if state["total_steps"] != self.schedule.total_steps:
+            raise ValueError(
+                f"engine state was saved for a {state['total_steps']}-step run but this run has "
+                f"{self.schedule.total_steps} steps; resume with the same max_steps / epochs"
+            )
+        self.completed_steps = int(state["completed_steps"])
+        self.generator.set_state(state["generator_state"])
+        for name, mask in state["masks"].items():
+            self.layers[name].set_mask(mask)
+        self.history = [UpdateStats(**stats) for stats in state.get("history", [])]
+        self._prepare_next_step()
+
+    def close(self) -> None:
+        """Remove the optimizer hooks."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner

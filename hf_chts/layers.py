@@ -1,0 +1,158 @@
+"""Masked linear modules.
+
+A sparsified layer keeps its class's parameters (``weight``/``bias``, same
+names, shapes and storage as before, so ``state_dict()`` keys are unchanged)
+and gains a boolean ``mask`` buffer (not persistent: it is saved explicitly
+in ``sparsity.safetensors``). The forward pass is the parent's plain dense
+matmul: the masking invariant of ALGORITHMS.md §1 (masked weights, gradients
+and optimizer moments are exactly zero) is maintained around the optimizer
+step instead of by multiplying in every forward.
+
+``mask`` always has the logical ``out x in`` shape. GPT-2's ``Conv1D`` stores
+its weight ``in x out``; :meth:`SparseLayerMixin.logical_weight` and
+:meth:`SparseLayerMixin.storage_mask` translate between the two views.
+
+Modules are converted in place by swapping their class (as
+``torch.nn.utils.parametrize`` does), so parameter objects, devices and any
+optimizer already holding them stay valid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:  # transformers' GPT-2 style Conv1D (weight stored in x out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = None
+
+
+class SparseLayerMixin:
+    """Mask state and helpers shared by every sparsified module."""
+
+    mask: torch.Tensor
+    hf_chts_name: str
+    transposed: bool = False  # True when the weight is stored in x out (Conv1D)
+
+    # ------------------------------------------------------------- views
+    @property
+    def logical_shape(self) -> tuple[int, int]:
+        rows, cols = self.weight.shape
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    def logical_weight(self) -> torch.Tensor:
+        """The weight as ``out x in`` (a view; Conv1D weights are transposed)."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def logical_grad(self) -> torch.Tensor | None:
+        grad = self.weight.grad
+        if grad is None:
+            return None
+        return grad.t() if self.transposed else grad
+
+    def storage_mask(self) -> torch.Tensor:
+        """The mask in the weight's storage layout (a view)."""
+        return self.mask.t() if self.transposed else self.mask
+
+    # ------------------------------------------------------------ updates
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the mask (logical ``out x in`` bool) and zero the masked weights."""
+        if mask.shape != self.mask.shape:
+            raise ValueError(
+                f"mask for {self.hf_chts_name!r} has shape {tuple(mask.shape)}, expected {tuple(self.mask.shape)} "
+                "(logical out x in)"
+            )
+        self.mask.copy_(mask.to(device=self.mask.device, dtype=torch.bool))
+        self.apply_mask_()
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        """Zero the weight at masked positions (in place)."""
+        self.weight.mul_(self.storage_mask().to(self.weight.dtype))
+
+    @torch.no_grad()
+    def mask_grad_(self) -> None:
+        """Zero the gradient at masked positions (in place)."""
+        if self.weight.grad is not None:
+            self.weight.grad.mul_(self.storage_mask().to(self.weight.grad.dtype))
+
+    @property
+    def density(self) -> float:
+        return float(self.mask.sum()) / self.mask.numel()
+
+    def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
+        return f"{super().extra_repr()}, density={self.density:.4f}"
+
+
+def _mask_grad_hook(param: torch.Tensor) -> None:
+    layer = getattr(param, "_hf_chts_layer", None)
+    if layer is not None and layer.mask_gradients:
+        layer.mask_grad_()
+
+
+class SparseLinear(SparseLayerMixin, nn.Linear):
+    """An ``nn.Linear`` with a boolean connectivity mask (peft wraps it like any Linear)."""
+
+
+if Conv1D is not None:
+
+    class SparseConv1D(SparseLayerMixin, Conv1D):
+        """transformers' ``Conv1D`` (GPT-2) with a mask in the logical ``out x in`` view.
+
+        It stays a ``Conv1D`` subclass so peft recognises the ``in x out`` storage
+        (``fan_in_fan_out``) when it adds LoRA adapters.
+        """
+
+        transposed = True
+
+
+_DYNAMIC_CLASSES: dict[type, type] = {}
+
+
+def sparse_class_for(cls: type) -> type:
+    """The sparse counterpart of a linear-like class (built once per class)."""
+    if issubclass(cls, SparseLayerMixin):
+        return cls
+    if cls is nn.Linear:
+        return SparseLinear
+    if Conv1D is not None and cls is Conv1D:
+        return SparseConv1D
+    if cls not in _DYNAMIC_CLASSES:
+        transposed = Conv1D is not None and issubclass(cls, Conv1D)
+        _DYNAMIC_CLASSES[cls] = type(f"Sparse{cls.__name__}", (SparseLayerMixin, cls), {"transposed": transposed})
+    return _DYNAMIC_CLASSES[cls]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` (and subclasses) or transformers ``Conv1D``."""
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def convert_to_sparse(module: nn.Module, name: str, mask: torch.Tensor) -> SparseLayerMixin:
+    """Turn ``module`` into its sparse class in place, with ``mask`` (out x in), and zero masked weights."""
+    if isinstance(module, SparseLayerMixin):
+        raise ValueError(f"module {name!r} is already sparse; call sparsify() once per model")
+    if not is_linear_like(module):
+        raise ValueError(f"module {name!r} is a {type(module).__name__}, not nn.Linear or Conv1D; it cannot be sparsified")
+    module.__class__ = sparse_class_for(type(module))
+    module.hf_chts_name = name
+    module.mask_gradients = True
+    out_features, in_features = module.logical_shape
+    module.register_buffer(
+        "mask", torch.ones(out_features, in_features, dtype=torch.bool, device=module.weight.device), persistent=False
+    )
+    module.weight._hf_chts_layer = module
+    module.weight.register_post_accumulate_grad_hook(_mask_grad_hook)
+    module.set_mask(mask)
+    return module
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseLayerMixin]:
+    """Every sparsified module of ``model`` keyed by its name in the unwrapped model.
+
+    Works through wrappers (DDP's ``module.``, peft's ``base_model.model.``)
+    because each layer remembers the name it had when it was sparsified.
+    """
+    return {m.hf_chts_name: m for m in model.modules() if isinstance(m, SparseLayerMixin)}

@@ -1,0 +1,326 @@
+"""``sparsify()``: patch a model's linear layers into masked modules, and
+``sparsity_report()``: per-layer density, live links and active neurons.
+
+Layer selection follows PEFT's conventions: ``target_modules`` is a regex
+(full match on the module name) when it is a string, or a list of exact
+names / name suffixes; ``exclude_modules`` likewise. Without
+``target_modules`` the architecture registry picks every linear of the
+decoder blocks; embeddings and ``lm_head`` are never selected by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .architectures import COL_ROLES, ModelTopology, build_topology, get_architecture
+from .config import SparsifyConfig
+from .layers import SparseLayerMixin, convert_to_sparse, is_linear_like, sparse_layers
+
+logger = logging.getLogger(__name__)
+
+STATE_ATTR = "hf_chts_state"
+_BLOCK_CONTAINER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.\d+\.")
+
+
+@dataclass
+class SparseModelState:
+    """What ``sparsify`` attaches to the model (``model.hf_chts_state``)."""
+
+    config: SparsifyConfig
+    topology: ModelTopology
+
+
+# ---------------------------------------------------------------- selection
+def _matches(name: str, pattern: str | list[str]) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == key or name.endswith("." + key) for key in pattern)
+
+
+def _excluded_by_default(model: nn.Module) -> set[int]:
+    """Ids of embedding / output-embedding modules (never sparsified by default)."""
+    ids = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)() if hasattr(model, getter) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        if module is not None:
+            ids.add(id(module))
+    return ids
+
+
+def select_modules(model: nn.Module, config: SparsifyConfig) -> dict[str, nn.Module]:
+    """Names -> modules that ``config`` selects for sparsification.
+
+    Raises ``ValueError`` when a ``target_modules`` / ``exclude_modules`` entry
+    matches nothing, naming the entry and a few available module names.
+    """
+    linears = {name: module for name, module in model.named_modules() if is_linear_like(module)}
+    embeddings = _excluded_by_default(model)
+    spec = get_architecture(getattr(getattr(model, "config", None), "model_type", None))
+
+    def check_pattern(field_name: str, pattern: str | list[str]) -> None:
+        entries = [pattern] if isinstance(pattern, str) else pattern
+        for entry in entries:
+            probe = entry if isinstance(pattern, str) else [entry]
+            if not any(_matches(name, probe) for name in linears):
+                sample = ", ".join(list(linears)[:6])
+                raise ValueError(
+                    f"SparsifyConfig.{field_name} entry {entry!r} matches no linear module of this "
+                    f"{type(model).__name__}; available names look like: {sample} ..."
+                )
+
+    if config.target_modules is not None:
+        check_pattern("target_modules", config.target_modules)
+        selected = {n: m for n, m in linears.items() if _matches(n, config.target_modules)}
+    elif spec is not None:
+        roles = list(spec.roles)
+        selected = {n: m for n, m in linears.items() if id(m) not in embeddings and _matches(n, roles)}
+    else:
+        selected = {
+            n: m for n, m in linears.items() if id(m) not in embeddings and _BLOCK_CONTAINER.search(n) is not None
+        }
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        logger.warning(
+            "hf_chts: model_type %r is not in the architecture registry; sparsifying every linear of the decoder "
+            "blocks (%d modules) with no percolation coupling. Register it with "
+            "hf_chts.architectures.register_architecture for coupled percolation.",
+            model_type,
+            len(selected),
+        )
+    if config.exclude_modules is not None:
+        check_pattern("exclude_modules", config.exclude_modules)
+        selected = {n: m for n, m in selected.items() if not _matches(n, config.exclude_modules)}
+    if not selected:
+        raise ValueError(
+            f"no linear layer of this {type(model).__name__} was selected for sparsification; "
+            "set SparsifyConfig.target_modules to module names, suffixes or a regex"
+        )
+    return selected
+
+
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from the run seed and the layer name (order independent, same on every rank)."""
+    generator = torch.Generator()
+    generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return generator
+
+
+# ----------------------------------------------------------------- sparsify
+def find_state(model: nn.Module) -> SparseModelState | None:
+    """The sparse state attached by :func:`sparsify`, looking through wrappers (DDP, peft, compile)."""
+    for module in model.modules():
+        state = module.__dict__.get(STATE_ATTR)
+        if state is not None:
+            return state
+    inner = getattr(model, "_orig_mod", None)
+    return find_state(inner) if isinstance(inner, nn.Module) and inner is not model else None
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return find_state(model) is not None
+
+
+def _capture_layer_inputs(model: nn.Module, modules: dict[str, nn.Module], batch) -> dict[str, torch.Tensor]:
+    """Inputs ``[tokens, in_features]`` of each module on one calibration batch (for CSTI)."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in modules.items():
+        def hook(_module, args, _name=name):
+            captured[_name] = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**batch) if isinstance(batch, dict) else model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def initial_masks(
+    model: nn.Module, config: SparsifyConfig, topology: ModelTopology, modules: dict[str, nn.Module], calibration_batch=None
+) -> dict[str, torch.Tensor]:
+    """Initial topology of every selected layer (ALGORITHMS.md §2), exact link counts per row block."""
+    from .topology.init import allocate_links, build_mask, count_links
+
+    masks: dict[str, torch.Tensor] = {}
+    density = config.initial_density
+    inputs = {}
+    if config.init == "csti" and density < 1.0:
+        if calibration_batch is None:
+            raise ValueError(
+                "SparsifyConfig.init='csti' needs a calibration batch: call sparsify(model, config, calibration_batch=...)"
+            )
+        inputs = _capture_layer_inputs(model, modules, calibration_batch)
+    for name, module in modules.items():
+        info = topology.layers[name]
+        rows, cols = (module.weight.shape[1], module.weight.shape[0]) if not isinstance(module, nn.Linear) else (
+            module.out_features, module.in_features)
+        if density >= 1.0 or config.init == "dense":
+            masks[name] = torch.ones(rows, cols, dtype=torch.bool)
+            continue
+        generator = layer_generator(config.seed, name)
+        mask = torch.zeros(rows, cols, dtype=torch.bool)
+        budgets = allocate_links(count_links(density, rows * cols), [len(b.rows) * cols for b in info.blocks])
+        for block, budget in zip(info.blocks, budgets):
+            method = config.init
+            calibration = None
+            if method == "csti":
+                if info.role in COL_ROLES or name not in inputs:
+                    method = "bsw"  # CSTI only for layers reading the residual stream directly
+                else:
+                    calibration = inputs[name]
+            block_mask = build_mask(
+                method, len(block.rows), cols, budget / (len(block.rows) * cols), generator=generator,
+                beta=config.init_beta, r=config.init_r, degree_mode=config.init_degree_mode,
+                bsf_equal_partition=config.bsf_equal_partition, calibration_inputs=calibration,
+            )
+            mask[block.rows] = block_mask
+        masks[name] = mask
+    return masks
+
+
+def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibration_batch=None,
+             masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Patch the targeted linear layers of ``model`` in place into masked modules.
+
+    Args:
+        model: a ``transformers.PreTrainedModel`` (or any ``nn.Module`` with linears).
+        config: the :class:`SparsifyConfig` (default: CHTss to 30%).
+        calibration_batch: model inputs (dict or tensor) for ``init='csti'``.
+        masks: explicit masks by module name (used when loading a checkpoint);
+            skips the initial topology construction.
+
+    Returns:
+        The same ``model`` object; ``state_dict()`` keys are unchanged and the
+        masks live in each layer's non-persistent ``mask`` buffer.
+    """
+    config = config if config is not None else SparsifyConfig()
+    if not isinstance(config, SparsifyConfig):
+        raise TypeError(f"sparsify() expects a SparsifyConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify() expects a torch.nn.Module, got {type(model).__name__}")
+    if find_state(model) is not None:
+        raise ValueError("this model is already sparsified (hf_chts_state is set); call sparsify() once per model")
+    if config.is_dense:
+        model.__dict__[STATE_ATTR] = SparseModelState(config, ModelTopology("dense", {}, [], [], True))
+        logger.info("hf_chts: method 'dense' keeps every layer dense; nothing patched")
+        return model
+    modules = select_modules(model, config)
+    topology = build_topology(model, modules)
+    if masks is None:
+        masks = initial_masks(model, config, topology, modules, calibration_batch)
+    else:
+        missing = sorted(set(modules) - set(masks))
+        extra = sorted(set(masks) - set(modules))
+        if missing or extra:
+            raise ValueError(f"masks do not match the selected layers: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, module in modules.items():
+        layer = convert_to_sparse(module, name, masks[name])
+        if config.reinit_weights and not bool(layer.mask.all()):
+            from .topology.init import reinit_sparse_weight_
+
+            with torch.no_grad():
+                reinit_sparse_weight_(layer.logical_weight(), layer.mask)
+    # plain attribute (not a submodule, not in state_dict)
+    model.__dict__[STATE_ATTR] = SparseModelState(config, topology)
+    return model
+
+
+# ------------------------------------------------------------------ report
+@dataclass
+class LayerReport:
+    name: str
+    role: str
+    shape: tuple[int, int]
+    live_links: int
+    total_links: int
+    active_neurons: int
+    total_neurons: int
+
+    @property
+    def density(self) -> float:
+        return self.live_links / self.total_links if self.total_links else 1.0
+
+
+@dataclass
+class SparsityReport:
+    """Per-layer and overall density and active neurons (ANP)."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def live_links(self) -> int:
+        return sum(layer.live_links for layer in self.layers)
+
+    @property
+    def total_links(self) -> int:
+        return sum(layer.total_links for layer in self.layers)
+
+    @property
+    def density(self) -> float:
+        return self.live_links / self.total_links if self.total_links else 1.0
+
+    @property
+    def anp(self) -> float:
+        total = sum(layer.total_neurons for layer in self.layers)
+        return sum(layer.active_neurons for layer in self.layers) / total if total else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "density": self.density,
+            "anp": self.anp,
+            "live_links": self.live_links,
+            "total_links": self.total_links,
+            "layers": {
+                layer.name: {
+                    "role": layer.role, "shape": list(layer.shape), "density": layer.density,
+                    "live_links": layer.live_links, "active_neurons": layer.active_neurons,
+                    "total_neurons": layer.total_neurons,
+                }
+                for layer in self.layers
+            },
+        }
+
+    def table(self) -> str:
+        header = f"{'layer':<48} {'role':<8} {'shape':>13} {'density':>8} {'live':>10} {'active':>13}"
+        lines = [header, "-" * len(header)]
+        for layer in self.layers:
+            shape = f"{layer.shape[0]}x{layer.shape[1]}"
+            active = f"{layer.active_neurons}/{layer.total_neurons}"
+            lines.append(f"{layer.name:<48} {layer.role:<8} {shape:>13} {layer.density:>8.4f} "
+                         f"{layer.live_links:>10} {active:>13}")
+        lines.append("-" * len(header))
+        lines.append(f"{'overall':<48} {'':<8} {'':>13} {self.density:>8.4f} {self.live_links:>10} "
+                     f"{'ANP ' + format(self.anp, '.4f'):>13}")
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """Density, live links and active neurons of every sparsified layer of ``model``."""
+    from .topology.percolation import active_neurons
+
+    state = find_state(model)
+    if state is None:
+        raise ValueError("this model is not sparsified; call hf_chts.sparsify(model, config) first")
+    layers = sparse_layers(model)
+    masks = {name: layer.mask for name, layer in layers.items()}
+    active, total = active_neurons(masks, state.topology) if masks else ({}, {})
+    report = SparsityReport()
+    for name, layer in layers.items():
+        info = state.topology.layers.get(name)
+        report.layers.append(
+            LayerReport(name, info.role if info else "linear", tuple(layer.mask.shape), int(layer.mask.sum()),
+                        layer.mask.numel(), active.get(name, 0), total.get(name, 0))
+        )
+    return report
