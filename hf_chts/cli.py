@@ -1,0 +1,99 @@
+"""The ``hf-chts`` command: ``train``, ``eval``, ``inspect``, ``export``.
+
+Each subcommand lives with the code it drives; this module only parses
+arguments and dispatches, so ``hf-chts --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model sparse from a YAML recipe",
+        description="Train from a YAML recipe (see recipes/README.md). Extra `--key value` pairs override recipe "
+        "fields, e.g. `--training.max_steps 50 --sparsify.target_density 0.1`. Runs on one process; for several, "
+        "use `accelerate launch recipes/pretrain.py --config <recipe.yaml>`.",
+    )
+    parser.add_argument("recipe", help="path to a recipe YAML file, e.g. recipes/tiny-llama-cpu.yaml")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output folder that holds another run")
+    parser.set_defaults(handler="hf_chts.recipe:train_command", allow_extra=True)
+
+
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="zero-shot evaluation of a sparse checkpoint with lm-eval-harness",
+        description="Run lm-eval tasks on a checkpoint folder or Hub repo id (dense, masked or compact format) and "
+        "write lm-eval's results JSON with the model's density and ANP added.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--include-path", default=None, help="folder of extra task YAMLs (local tasks)")
+    parser.add_argument("--output", default=None, help="results JSON path (default: <checkpoint>/eval_results.json)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=float, default=None, help="evaluate only this many examples per task")
+    parser.add_argument("--num-fewshot", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    parser.set_defaults(handler="hf_chts.evaluation:eval_command")
+
+
+def _add_inspect(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="print a checkpoint's per-layer density, ANP, size on disk and schedule position",
+        description="Summarise a sparse checkpoint without building the model's forward.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.set_defaults(handler="hf_chts.checkpoint:inspect_command")
+
+
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="rewrite a checkpoint as dense (zeros at masked positions) or compact (live values only)",
+        description="Convert a sparse checkpoint. `dense` stores full weight tensors that any HF loader reads; "
+        "`compact` stores only the live values plus bit-packed masks (load it with hf_chts.load_sparse).",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
+    parser.add_argument("output", help="output folder (must not exist or be empty)")
+    parser.add_argument("--format", choices=("dense", "compact"), default="dense")
+    parser.set_defaults(handler="hf_chts.checkpoint:export_command")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-chts",
+        description="Brain-inspired dynamic sparse training (CHTs / CHTss) for Hugging Face causal LMs.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,inspect,export}")
+    for add in (_add_train, _add_eval, _add_inspect, _add_export):
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "allow_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    module_name, function_name = args.handler.split(":")
+    import importlib
+
+    handler = getattr(importlib.import_module(module_name), function_name)
+    try:
+        return int(handler(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"hf-chts {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
