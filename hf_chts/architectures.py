@@ -201,16 +201,37 @@ def head_geometry(config, spec: ArchitectureSpec | None) -> HeadGeometry:
     if spec is None or not spec.rope:
         rotary = 0
     else:
-        rope_params = getattr(config, "rope_parameters", None) or {}
-        factor = (
-            getattr(config, "partial_rotary_factor", None)
-            or getattr(config, "rotary_pct", None)
-            or (rope_params.get("partial_rotary_factor") if isinstance(rope_params, dict) else None)
-            or 1.0
-        )
-        rotary = int(head_dim * factor)
+        rotary = int(head_dim * _partial_rotary_factor(config))
         rotary -= rotary % 2
     return HeadGeometry(heads, kv_heads, head_dim, rotary)
+
+
+def _partial_rotary_factor(config) -> float:
+    """Fraction of each head's dims that RoPE rotates.
+
+    transformers 5.x models read it from ``config.rope_parameters`` (a flat
+    dict, or one dict per attention type, e.g. gemma3); 4.x configs kept it as
+    ``partial_rotary_factor`` (phi3) or ``rotary_pct`` (gpt_neox).
+    """
+    rope_params = getattr(config, "rope_parameters", None)
+    if isinstance(rope_params, dict):
+        if "partial_rotary_factor" in rope_params:
+            return float(rope_params["partial_rotary_factor"])
+        nested = {
+            float(params.get("partial_rotary_factor", 1.0))
+            for params in rope_params.values()
+            if isinstance(params, dict)
+        }
+        if len(nested) == 1:
+            return nested.pop()
+        if len(nested) > 1:
+            logger.warning("per-layer partial rotary factors %s differ; treating all dims as rotary", sorted(nested))
+            return 1.0
+    for name in ("partial_rotary_factor", "rotary_pct"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    return 1.0
 
 
 def rope_partner(head_dim: int, rotary_dim: int) -> torch.Tensor:

@@ -100,6 +100,7 @@ class SparseTrainingEngine:
         if config is not None and config.to_dict() != state.config.to_dict():
             logger.warning("hf_chts: the model was sparsified with a different config; the model's config is used")
         self.model = model
+        state.engine = self
         self.config: SparsifyConfig = state.config
         self.topology = state.topology
         self.layers: dict[str, SparseLayerMixin] = dict(sorted(sparse_layers(model).items()))

@@ -34,6 +34,7 @@ class SparseModelState:
 
     config: SparsifyConfig
     topology: ModelTopology
+    engine: object | None = None  # the SparseTrainingEngine driving this model, if any (for checkpoints)
 
 
 # ---------------------------------------------------------------- selection
