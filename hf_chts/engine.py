@@ -165,12 +165,17 @@ class SparseTrainingEngine:
             raise ValueError(
                 f"lr_rewarmup_steps needs a LambdaLR-style scheduler (transformers' get_*_schedule); got {type(scheduler).__name__}"
             )
+        # LambdaLR calls each factor with its own step count = optimizer steps completed
         scheduler.lr_lambdas = [
-            (lambda step, base=base: base(step) * self.lr_multiplier()) for base in scheduler.lr_lambdas
+            (lambda step, base=base: base(step) * self.lr_multiplier(step)) for base in scheduler.lr_lambdas
         ]
+        for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
 
-    def lr_multiplier(self) -> float:
-        return lr_rewarmup_multiplier(self.completed_steps, self.schedule.update_interval,
+    def lr_multiplier(self, completed_steps: int | None = None) -> float:
+        """Re-warm-up LR factor for the step after ``completed_steps`` (default: the engine's count)."""
+        steps = self.completed_steps if completed_steps is None else completed_steps
+        return lr_rewarmup_multiplier(steps, self.schedule.update_interval,
                                       self.config.lr_rewarmup_steps, self.schedule.update_end)
 
     def _needs_dense_grad(self, step: int) -> bool:

@@ -233,6 +233,9 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
                 reinit_sparse_weight_(layer.logical_weight(), layer.mask)
     # plain attribute (not a submodule, not in state_dict)
     model.__dict__[STATE_ATTR] = SparseModelState(config, topology)
+    # masks are identical on every rank by construction: DDP need not broadcast them each forward
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = ignored + [f"{name}.mask" for name in modules]
     return model
 
 

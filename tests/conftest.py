@@ -16,7 +16,7 @@ def tiny_model(model_type: str, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=128)
+    common = dict(vocab_size=128, bos_token_id=0, eos_token_id=1)
     if model_type == "llama":
         config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, **common)

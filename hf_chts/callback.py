@@ -1,0 +1,141 @@
+"""``CHTssTrainerCallback``: make any ``transformers.Trainer`` run sparse.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[CHTssTrainerCallback(SparsifyConfig(method="chtss", target_density=0.3))])
+    trainer.train()
+
+At ``on_train_begin`` (the optimizer exists by then) the callback sparsifies
+the model if needed and builds a :class:`~hf_chts.engine.SparseTrainingEngine`
+sized from ``state.max_steps`` (optimizer steps: gradient accumulation and the
+number of processes are already accounted for by the Trainer). After every
+optimizer step it steps the engine, which runs the topology update when one
+is due; statistics go through ``Trainer.log`` as ``sparsity/*`` so they reach
+whatever ``report_to`` is set to. Checkpoints (``checkpoint-N/``) get the masks
+and the engine state (``sparsity.safetensors``, ``sparsify_config.json``), and
+a run resumed from a checkpoint continues its schedule where it stopped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .config import SparsifyConfig
+from .engine import SparseTrainingEngine
+from .model import find_state, sparsify
+
+logger = logging.getLogger(__name__)
+
+
+def _find_trainer():
+    """The ``Trainer`` whose callback handler is calling us (to log through ``Trainer.log``)."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+class CHTssTrainerCallback(TrainerCallback):
+    """Dynamic sparse training (CHTs / CHTss and the baselines) inside the HF ``Trainer``.
+
+    Args:
+        config: the :class:`SparsifyConfig`; used to sparsify the model when
+            ``sparsify()`` was not called yet (otherwise the model's own config wins).
+        log_per_layer: also log each layer's density (``sparsity/layer/<name>``).
+        check_ranks: compare a checksum of the masks across processes after
+            every update and raise if they differ (default: env ``HF_CHTS_DEBUG=1``).
+        calibration_batch: model inputs for ``init='csti'`` when the callback sparsifies.
+    """
+
+    def __init__(self, config: SparsifyConfig | None = None, *, log_per_layer: bool = True,
+                 check_ranks: bool | None = None, calibration_batch=None) -> None:
+        if config is not None and not isinstance(config, SparsifyConfig):
+            raise TypeError(f"CHTssTrainerCallback expects a SparsifyConfig, got {type(config).__name__}")
+        self.config = config
+        self.log_per_layer = log_per_layer
+        self.check_ranks = os.environ.get("HF_CHTS_DEBUG") == "1" if check_ranks is None else check_ranks
+        self.calibration_batch = calibration_batch
+        self.engine: SparseTrainingEngine | None = None
+        self._trainer = None
+
+    # ---------------------------------------------------------------- begin
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if model is None:
+            raise ValueError("CHTssTrainerCallback needs the Trainer's model; it received none")
+        if find_state(model) is None:
+            sparsify(model, self.config or SparsifyConfig(), calibration_batch=self.calibration_batch)
+            logger.info("hf_chts: model sparsified by CHTssTrainerCallback")
+        if optimizer is None:
+            raise ValueError("CHTssTrainerCallback found no optimizer at on_train_begin; use transformers.Trainer")
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = SparseTrainingEngine(model, total_steps=state.max_steps, optimizer=optimizer,
+                                           lr_scheduler=lr_scheduler)
+        self._trainer = _find_trainer()
+        if state.global_step > 0:
+            self._resume(args, state)
+
+    def _resume(self, args, state) -> None:
+        from .checkpoint import read_engine_state
+
+        candidates = []
+        if isinstance(args.resume_from_checkpoint, str):
+            candidates.append(args.resume_from_checkpoint)
+        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        for folder in candidates:
+            engine_state = read_engine_state(folder) if os.path.isdir(folder) else None
+            if engine_state is not None:
+                if engine_state["completed_steps"] != state.global_step:
+                    raise ValueError(
+                        f"{folder}: engine state is at step {engine_state['completed_steps']} but the Trainer resumes "
+                        f"at step {state.global_step}; the checkpoint folder is inconsistent"
+                    )
+                self.engine.load_state_dict(engine_state)
+                logger.info("hf_chts: resumed sparse training state from %s", folder)
+                return
+        raise ValueError(
+            f"resuming at step {state.global_step} but no hf_chts engine state was found in {candidates}: "
+            "the checkpoint was not written by a sparse run (sparsify_config.json / sparsity.safetensors missing)"
+        )
+
+    # ----------------------------------------------------------------- steps
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.engine is None:
+            return
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        stats = self.engine.step(state.global_step, optimizer_step_skipped=skipped)
+        if stats is None:
+            return
+        if self.check_ranks:
+            self.engine.verify_masks_across_ranks()
+        logs = stats.to_log(per_layer=self.log_per_layer)
+        if self._trainer is not None:
+            self._trainer.log(logs)
+        else:  # not driven by transformers.Trainer: record in the state's history at least
+            state.log_history.append({**logs, "step": state.global_step})
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """Make sure ``checkpoint-N/`` holds the masks and the engine state (main process)."""
+        if self.engine is None or not state.is_world_process_zero:
+            return
+        from .checkpoint import write_sparsity_files
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            write_sparsity_files(model if model is not None else self.engine.model, folder)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None:
+            self.engine.close()
