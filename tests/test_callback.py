@@ -1,0 +1,124 @@
+"""Issue 4 acceptance: the Trainer callback (schedule, logging, gradient accumulation, resume)."""
+
+import pytest
+import torch
+
+from hf_chts import SparsifyConfig
+from hf_chts.layers import sparse_layers
+from hf_chts.model import find_state
+from hf_chts.schedules import SparseSchedule
+from trainer_utils import PatternDataset, make_trainer
+
+
+def sparsity_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "sparsity/density" in entry]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_trainer_run_follows_the_sigmoid_and_logs_it(make_tiny_model, tmp_path, model_type):
+    model = make_tiny_model(model_type)
+    config = SparsifyConfig(method="chtss", target_density=0.3, update_interval=4, seed=0)
+    trainer, callback = make_trainer(model, tmp_path, config, max_steps=48)
+    trainer.train()
+    assert find_state(model) is not None, "the callback sparsifies an unsparsified model"
+    schedule = SparseSchedule.from_config(config, 48)
+    logs = sparsity_logs(trainer)
+    assert [entry["step"] for entry in logs] == schedule.update_steps() == list(range(4, 37, 4))
+    for entry in logs:
+        target = schedule.density_at(entry["step"])
+        assert entry["sparsity/target_density"] == target
+        assert abs(entry["sparsity/density"] - target) < 1e-3  # exact link counts, rounding per layer
+        assert 0 <= entry["sparsity/overlap"] <= 1 and 0 < entry["sparsity/anp"] <= 1
+        assert any(key.startswith("sparsity/layer/") for key in entry)
+    assert logs[0]["sparsity/density"] > 0.9 and logs[-1]["sparsity/target_density"] == 0.3
+    densities = [entry["sparsity/density"] for entry in logs]
+    assert densities == sorted(densities, reverse=True)
+    final = sum(int(l.mask.sum()) for l in sparse_layers(model).values()) / sum(
+        l.mask.numel() for l in sparse_layers(model).values())
+    assert abs(final - 0.3) < 1e-3
+    for layer in sparse_layers(model).values():
+        assert torch.all(layer.weight[~layer.storage_mask()] == 0)
+
+
+def test_gradient_accumulation_matches_large_batch(make_tiny_model, tmp_path):
+    config = SparsifyConfig(method="chtss", target_density=0.4, update_interval=3, seed=0)
+    runs = {}
+    for label, batch, accumulation in (("accumulated", 4, 4), ("large", 16, 1)):
+        model = make_tiny_model("llama")
+        trainer, callback = make_trainer(model, tmp_path / label, config, max_steps=24,
+                                         per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        trainer.train()
+        runs[label] = (sparsity_logs(trainer), callback.engine)
+    steps = {label: [entry["step"] for entry in logs] for label, (logs, _) in runs.items()}
+    assert steps["accumulated"] == steps["large"] == list(range(3, 19, 3))
+    assert runs["accumulated"][1].schedule.total_steps == runs["large"][1].schedule.total_steps == 24
+    assert runs["accumulated"][1].density() == pytest.approx(runs["large"][1].density(), abs=1e-9)
+    assert abs(runs["large"][1].density() - 0.4) < 1e-3
+
+
+def test_skipped_amp_step_skips_the_update(make_tiny_model, tmp_path):
+    model = make_tiny_model("llama")
+    config = SparsifyConfig(method="chts", target_density=0.5, update_interval=2)
+    trainer, callback = make_trainer(model, tmp_path, config, max_steps=8)
+    trainer.train()
+    engine = callback.engine
+    before = {n: m.clone() for n, m in engine.masks().items()}
+    engine.completed_steps = 1
+
+    class SkippedOptimizer:
+        step_was_skipped = True
+
+    state = type("State", (), {"global_step": 2, "log_history": []})()
+    callback.on_step_end(trainer.args, state, trainer.control, optimizer=SkippedOptimizer())
+    assert all(torch.equal(before[n], m) for n, m in engine.masks().items())
+    assert not state.log_history
+
+
+def _losses(trainer):
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+def test_resume_from_checkpoint_is_exact(make_tiny_model, tmp_path):
+    config = SparsifyConfig(method="chtss", target_density=0.3, update_interval=3, seed=0)
+    common = dict(max_steps=30, save_strategy="steps", save_steps=15, learning_rate=1e-2)
+
+    straight_model = make_tiny_model("llama", seed=1)
+    straight, _ = make_trainer(straight_model, tmp_path / "straight", config, **common)
+    straight.train()
+
+    first_model = make_tiny_model("llama", seed=1)
+    first, _ = make_trainer(first_model, tmp_path / "resumed", config, **common)
+    first.train()  # writes checkpoint-15 (and checkpoint-30)
+    checkpoint = tmp_path / "resumed" / "checkpoint-15"
+    assert (checkpoint / "sparsity.safetensors").exists() and (checkpoint / "sparsify_config.json").exists()
+
+    resumed_model = make_tiny_model("llama", seed=2)  # different init: everything must come from the checkpoint
+    resumed, callback = make_trainer(resumed_model, tmp_path / "resumed", config, **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    # the schedule did not restart: updates continue at 18, 21 after resuming at 15
+    resumed_updates = [e["step"] for e in resumed.state.log_history if "sparsity/density" in e and e["step"] > 15]
+    assert resumed_updates == [18, 21]
+    assert callback.engine.completed_steps == 30
+    straight_layers, resumed_layers = sparse_layers(straight_model), sparse_layers(resumed_model)
+    for name, layer in straight_layers.items():
+        assert torch.equal(layer.mask, resumed_layers[name].mask), name
+        assert torch.equal(layer.weight, resumed_layers[name].weight), name
+    straight_losses, resumed_losses = _losses(straight), _losses(resumed)
+    assert all(straight_losses[step] == resumed_losses[step] for step in range(16, 31))
+
+
+def test_resume_without_engine_state_is_a_clear_error(make_tiny_model, tmp_path):
+    import shutil
+
+    config = SparsifyConfig(method="chts", target_density=0.5, update_interval=2)
+    model = make_tiny_model("llama")
+    trainer, _ = make_trainer(model, tmp_path, config, max_steps=4, save_strategy="steps", save_steps=2)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    (checkpoint / "sparsity.safetensors").unlink()
+    (checkpoint / "sparsify_config.json").unlink()
+    again, _ = make_trainer(make_tiny_model("llama"), tmp_path, config, max_steps=4)
+    with pytest.raises(ValueError, match="no hf_chts engine state"):
+        again.train(resume_from_checkpoint=str(checkpoint))
+    shutil.rmtree(tmp_path)
