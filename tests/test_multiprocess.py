@@ -1,0 +1,51 @@
+"""Two CPU processes under `accelerate launch --multi_gpu` (gloo): identical masks on both ranks after
+every update, and equal to a one-process run that sees the same data order."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_trainer_run.py"
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(output_dir: Path, processes: int, per_device_batch: int) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    distributed = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    command = [str(ACCELERATE), "launch", *distributed, "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT), str(output_dir),
+               str(per_device_batch)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_hold_identical_masks_equal_to_single_process(tmp_path):
+    launch(tmp_path / "ddp", processes=2, per_device_batch=4)
+    launch(tmp_path / "single", processes=1, per_device_batch=8)
+    rank0 = torch.load(tmp_path / "ddp" / "masks-rank0.pt")
+    rank1 = torch.load(tmp_path / "ddp" / "masks-rank1.pt")
+    single = torch.load(tmp_path / "single" / "masks-rank0.pt")
+    assert rank0["world_size"] == rank1["world_size"] == 2 and single["world_size"] == 1
+    checksums = [json.loads((tmp_path / "ddp" / f"checksums-rank{r}.json").read_text()) for r in (0, 1)]
+    assert list(checksums[0]) == ["4", "8", "12", "16"]  # an update every 4 steps until 0.75 * 24
+    assert checksums[0] == checksums[1]
+    for name, mask in rank0["masks"].items():
+        assert torch.equal(mask, rank1["masks"][name]), name
+        assert torch.equal(mask, single["masks"][name]), name
+    density = sum(int(m.sum()) for m in rank0["masks"].values()) / sum(m.numel() for m in rank0["masks"].values())
+    assert abs(density - 0.3) < 1e-3
