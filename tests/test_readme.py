@@ -1,0 +1,63 @@
+"""The README's Python examples run as written (in a temporary working directory)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks():
+    text = README.read_text()
+    return re.findall(r"(<!-- [^>]*-->\n)?```python\n(.*?)```", text, flags=re.S)
+
+
+def block_after(marker: str) -> str:
+    for comment, code in python_blocks():
+        if marker in comment:
+            return code
+    raise AssertionError(f"README has no python block marked {marker!r}")
+
+
+def run_code(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_readme_two_commands_come_first():
+    text = README.read_text()
+    first_blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)[:2]
+    assert "pip install -e" in first_blocks[0] and "hf-chts train recipes/tiny-llama-cpu.yaml" in first_blocks[0]
+    assert "pytest" in first_blocks[1]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert first_blocks[1].strip().replace(".venv/bin/", "") in ci.replace('"$VENV"/bin/', "").replace(".venv/bin/", "")
+
+
+def test_python_api_example_runs(tmp_path):
+    code = python_blocks()[0][1]
+    result = run_code(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "overall" in result.stdout and "0.3000" in result.stdout
+
+
+def test_accelerate_loop_example_runs_and_checkpoints(tmp_path):
+    code = block_after("accelerate-example")
+    result = run_code(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1].rstrip(":")) for line in lines] == list(range(10, 76, 10))
+    assert lines[-1].split()[3] == "0.300"
+    assert (tmp_path / "out" / "accelerate-state").is_dir()
+    assert list((tmp_path / "out" / "accelerate-state").glob("custom_checkpoint_0.*"))
+    check = run_code(
+        "import hf_chts\n"
+        "model = hf_chts.load_sparse('out/tiny-sparse')\n"
+        "print(round(hf_chts.sparsity_report(model).density, 3))\n",
+        tmp_path,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert check.stdout.strip().splitlines()[-1] == "0.3"
