@@ -104,6 +104,8 @@ class SparseTrainingEngine:
         self.config: SparsifyConfig = state.config
         self.topology = state.topology
         self.layers: dict[str, SparseLayerMixin] = dict(sorted(sparse_layers(model).items()))
+        for layer in self.layers.values():  # FSDP2 may have sharded the weights after sparsify()
+            layer.refresh_mask_shard()
         if not self.layers and not self.config.is_dense:
             raise ValueError(
                 "the engine finds no sparse layer in this model: it was sparsified, then wrapped or compiled in a way "
@@ -184,7 +186,7 @@ class SparseTrainingEngine:
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         if self._needs_dense_grad(self.completed_steps + 1):
             for name, layer in self.layers.items():
-                grad = layer.logical_grad()
+                grad = layer.full_logical_grad()
                 if grad is not None:
                     self._dense_grads[name] = grad.detach().abs().float().clone()
         for layer in self.layers.values():
@@ -243,7 +245,7 @@ class SparseTrainingEngine:
             cols = layer.mask.shape[1]
             budgets[name] = allocate_links(count_links(density, layer.mask.numel()),
                                            [len(block.rows) * cols for block in info.blocks])
-            weight = layer.logical_weight().detach()
+            weight = layer.full_logical_weight().detach()
             mask = layer.mask.clone()
             for block, budget in zip(info.blocks, budgets[name]):
                 block_mask, block_weight = mask[block.rows], weight[block.rows]
@@ -314,7 +316,7 @@ class SparseTrainingEngine:
         layer.set_mask(new_mask)
         keep = (new_mask & ~grown).to(layer.mask.device)  # surviving links keep weight and moments
         weight = layer.weight
-        weight_keep = (keep.t() if layer.transposed else keep).to(weight.dtype)
+        weight_keep = layer.shard_like_weight((keep.t() if layer.transposed else keep).to(weight.dtype))
         weight.mul_(weight_keep)  # regrown links start at 0
         if self.optimizer is not None:
             for value in self.optimizer.state.get(weight, {}).values():

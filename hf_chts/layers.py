@@ -45,15 +45,50 @@ class SparseLayerMixin:
         """The weight as ``out x in`` (a view; Conv1D weights are transposed)."""
         return self.weight.t() if self.transposed else self.weight
 
-    def logical_grad(self) -> torch.Tensor | None:
+    def storage_mask(self) -> torch.Tensor:
+        """The mask in the weight's storage layout (a view), sharded like the weight under FSDP2."""
+        shard = self.__dict__.get("_mask_shard")
+        if shard is not None:
+            return shard
+        return self.mask.t() if self.transposed else self.mask
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when the weight is a DTensor (FSDP2 ``fully_shard``)."""
+        return _is_dtensor(self.weight)
+
+    def full_logical_weight(self) -> torch.Tensor:
+        """The whole ``out x in`` weight, gathered across ranks when it is sharded."""
+        weight = self.weight.full_tensor() if self.is_sharded else self.weight
+        return weight.t() if self.transposed else weight
+
+    def full_logical_grad(self) -> torch.Tensor | None:
         grad = self.weight.grad
         if grad is None:
             return None
+        grad = grad.full_tensor() if _is_dtensor(grad) else grad
         return grad.t() if self.transposed else grad
 
-    def storage_mask(self) -> torch.Tensor:
-        """The mask in the weight's storage layout (a view)."""
-        return self.mask.t() if self.transposed else self.mask
+    def shard_like_weight(self, storage_tensor: torch.Tensor) -> torch.Tensor:
+        """Distribute a full storage-layout tensor with the weight's mesh and placements (FSDP2)."""
+        if not self.is_sharded:
+            return storage_tensor
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(storage_tensor.contiguous(), self.weight.device_mesh, self.weight.placements)
+
+    def refresh_mask_shard(self) -> None:
+        """(Re)build the sharded copy of the mask used by the in-place masking ops under FSDP2.
+
+        The full mask stays on every rank (one byte per weight) for the topology
+        code; the masking of weights, gradients and optimizer moments uses the
+        shard that follows the weight's sharding.
+        """
+        if self.is_sharded:
+            full = self.mask.t() if self.transposed else self.mask
+            self.__dict__["_mask_shard"] = self.shard_like_weight(full.to(self.weight.device))
+        else:
+            self.__dict__.pop("_mask_shard", None)
 
     # ------------------------------------------------------------ updates
     @torch.no_grad()
@@ -65,6 +100,7 @@ class SparseLayerMixin:
                 "(logical out x in)"
             )
         self.mask.copy_(mask.to(device=self.mask.device, dtype=torch.bool))
+        self.refresh_mask_shard()
         self.apply_mask_()
 
     @torch.no_grad()
@@ -84,6 +120,10 @@ class SparseLayerMixin:
 
     def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
         return f"{super().extra_repr()}, density={self.density:.4f}"
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
 
 
 def _mask_grad_hook(param: torch.Tensor) -> None:
