@@ -46,8 +46,13 @@ def _check_count(k: int, available: int, what: str) -> None:
 
 def _standard_exponential(n: int, dtype: torch.dtype, device: torch.device,
                           generator: torch.Generator | None) -> Tensor:
-    """E ~ Exp(1), strictly positive (a 0 would give an infinite key)."""
-    noise = torch.empty(n, dtype=dtype, device=device).exponential_(generator=generator)
+    """E ~ Exp(1), strictly positive (a 0 would give an infinite key).
+
+    Drawn on the generator's device (the engine's generator lives on the CPU so
+    every rank and every device type draws the same numbers), then moved.
+    """
+    draw_device = generator.device if generator is not None else device
+    noise = torch.empty(n, dtype=dtype, device=draw_device).exponential_(generator=generator).to(device)
     return noise.clamp_min_(torch.finfo(dtype).tiny)
 
 
