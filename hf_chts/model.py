@@ -229,13 +229,21 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
         if config.reinit_weights and not bool(layer.mask.all()):
             from .topology.init import reinit_sparse_weight_
 
+            # SWI relative to the model's own init: std_dense·sqrt(in_features / live fan-in) per row
             with torch.no_grad():
-                reinit_sparse_weight_(layer.logical_weight(), layer.mask)
+                weight = layer.logical_weight()
+                dense_std = float(weight[layer.mask].float().std())
+                gain = dense_std * weight.shape[1] ** 0.5
+                reinit_sparse_weight_(weight, layer.mask, gain=max(gain, 1e-12),
+                                      generator=layer_generator(config.seed, name + "/reinit"))
     # plain attribute (not a submodule, not in state_dict)
     model.__dict__[STATE_ATTR] = SparseModelState(config, topology)
     # masks are identical on every rank by construction: DDP need not broadcast them each forward
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = ignored + [f"{name}.mask" for name in modules]
+    from .checkpoint import install_save_hook  # save_pretrained / Trainer.save_model also write the masks
+
+    install_save_hook(model)
     return model
 
 

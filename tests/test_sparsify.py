@@ -206,3 +206,30 @@ def test_engine_optimizer_hooks_keep_invariant_even_without_grad_hooks(make_tiny
     _train_steps(model, optimizer, steps=6, engine=engine)
     assert len(engine.history) == 3  # updates at steps 2, 4, 6 (update end = 0.75 * 8)
     _assert_invariant(model, optimizer)
+
+
+def test_csti_init_uses_the_calibration_batch(make_tiny_model):
+    model = make_tiny_model("llama")
+    calibration = {"input_ids": torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))}
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.3, init="csti"), calibration_batch=calibration)
+    layers = sparse_layers(model)
+    for name, layer in layers.items():
+        assert abs(int(layer.mask.sum()) - round(0.3 * layer.mask.numel())) <= 1, name
+    # residual-reading layers follow the input correlations: deterministic, no seed dependence
+    again = make_tiny_model("llama")
+    sparsify(again, SparsifyConfig(method="chts", target_density=0.3, init="csti", seed=9), calibration_batch=calibration)
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(layers[q].mask, sparse_layers(again)[q].mask)
+    with pytest.raises(ValueError, match="calibration batch"):
+        sparsify(make_tiny_model("llama"), SparsifyConfig(method="chts", target_density=0.3, init="csti"))
+
+
+def test_sparse_weight_reinit_scales_for_the_live_fan_in(make_tiny_model):
+    model = make_tiny_model("llama")
+    dense_std = float(model.model.layers[0].mlp.down_proj.weight.std())
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.25, init="er", reinit_weights=True))
+    layer = sparse_layers(model)["model.layers.0.mlp.down_proj"]
+    live = layer.logical_weight()[layer.mask]
+    assert torch.all(layer.logical_weight()[~layer.mask] == 0)
+    # std grows by sqrt(in / fan-in) = sqrt(1 / density) = 2
+    assert float(live.std()) == pytest.approx(2 * dense_std, rel=0.15)
