@@ -172,6 +172,8 @@ def initial_masks(
         mask = torch.zeros(rows, cols, dtype=torch.bool)
         budgets = allocate_links(count_links(density, rows * cols), [len(b.rows) * cols for b in info.blocks])
         for block, budget in zip(info.blocks, budgets):
+            if budget == 0:  # a tiny block may get no link at all: its rows stay empty
+                continue
             method = config.init
             calibration = None
             if method == "csti":
