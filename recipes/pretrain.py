@@ -1,0 +1,90 @@
+"""Pretrain a LLaMA-style causal LM sparse from scratch with Cannistraci-Hebb dynamic sparse training.
+
+    accelerate launch recipes/pretrain.py --config recipes/tiny-llama-cpu.yaml [--key value ...]
+    accelerate launch --config_file recipes/accelerate/multi_gpu_ddp.yaml recipes/pretrain.py \
+        --config recipes/llama-60m-chtss.yaml
+    python recipes/pretrain.py --config recipes/tiny-llama-cpu.yaml --training.max_steps 50
+
+Read top to bottom: recipe -> output folder -> data -> tokenizer -> model ->
+sparsify -> Trainer with the CHTss callback -> train -> evaluate, save, reload,
+summary. Every step is a function of ``hf_chts.recipe`` (the library holds the
+reusable parts, so ``hf-chts train`` does exactly the same); this file shows
+the order. It runs on one process or many (DDP / FSDP through accelerate);
+only the main process writes the summary, the plot and the checkpoint.
+
+Overrides use dotted keys parsed as YAML: ``--training.max_steps 50``,
+``--sparsify.target_density 0.1``, ``--model.hidden_size 32``,
+``--data.text_files "[corpus/*.txt]"``. ``--overwrite`` replaces an output
+folder that holds another run.
+"""
+
+import argparse
+import time
+
+from accelerate import PartialState
+from transformers import Trainer
+
+from hf_chts import CHTssTrainerCallback, sparsify
+from hf_chts import recipe as R
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/tiny-llama-cpu.yaml")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
+    args, overrides = parser.parse_known_args(argv)
+    started = time.time()
+
+    # 1. Recipe: YAML + overrides, validated (unknown keys, bad values, missing files fail here),
+    # 2. and the output folder: every rank checks it holds no other run before anything is written.
+    try:
+        recipe = R.load_recipe(args.config, overrides, overwrite=args.overwrite)
+        mode = R.check_output_dir(recipe)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        parser.exit(2, f"pretrain.py: error: {error}\n")
+    state = PartialState()  # one process, or one of many under `accelerate launch`
+    state.wait_for_everyone()  # then the main process claims the folder
+    if state.is_main_process:
+        R.prepare_output_dir(recipe, mode)
+    state.wait_for_everyone()
+
+    # 3. Data and tokenizer: documents -> (BPE trained and cached, or a Hub tokenizer) -> packed blocks.
+    #    The main process goes first so dataset and tokenizer caches are written once.
+    with state.main_process_first():
+        corpus = R.load_corpus(recipe)
+        tokenizer = R.build_tokenizer(recipe, corpus)
+        data = R.build_lm_datasets(recipe, tokenizer, corpus)
+    if state.is_main_process:
+        print(f"data: {data.stats}")
+
+    # 4. Model: a LlamaConfig from the preset (+ overrides), randomly initialised.
+    model = R.build_model(recipe, tokenizer)
+    print(f"[rank {state.process_index}] model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    # 5. Sparsify: every decoder linear becomes a masked layer at the initial density.
+    config = R.sparsify_config(recipe)
+    sparsify(model, config)
+
+    # 6. Trainer + callback: the callback runs removal / percolation / regrowth every Δ steps.
+    callback = CHTssTrainerCallback(config, log_per_layer=recipe.run.log_per_layer_density)
+    training_args = R.training_arguments(recipe, world_size=state.num_processes)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.validation if recipe.eval.perplexity else None,
+        data_collator=R.collate_blocks,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+
+    # 7. Train (resuming from the last checkpoint-N when run.resume is set).
+    resume = R.last_checkpoint(recipe) if mode == "resume" else None
+    output = trainer.train(resume_from_checkpoint=resume)
+
+    # 8. Validation perplexity, sparse checkpoint, reload check, lm-eval, run_summary.json, plot.
+    R.finish_run(recipe, trainer, callback, tokenizer, data, started=started, train_output=output)
+
+
+if __name__ == "__main__":
+    main()
