@@ -1,0 +1,77 @@
+"""The benchmark scripts in bench/ keep working: each one's --quick mode runs and writes finite numbers.
+
+These are smoke tests, not benchmarks: tiny shapes, a few steps, output into tmp_path.
+"""
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_quality_quick(tmp_path):
+    quality = load("quality")
+    result = quality.main(["--quick", "--out", str(tmp_path), "--no-progress", "--fresh"])
+    rows = read_csv(tmp_path / "quality_quick.csv")
+    assert [(r["method"], float(r["density"])) for r in rows] == [("dense", 1.0), ("chtss", 0.3)]
+    for row in rows:
+        for key in ("ppl_mean", "ratio_to_dense", "anp", "final_density"):
+            assert math.isfinite(float(row[key])), (row["method"], key)
+    chtss = next(r for r in result["summary"] if r["method"] == "chtss")
+    assert abs(chtss["final_density"] - 0.3) < 1e-3 and chtss["updates"] >= 10
+    assert "chtss" in result["table"] and "ratio to dense" in result["table"]
+    data = json.loads((tmp_path / "quality_quick.json").read_text())
+    assert len(data["runs"]) == 2
+
+
+def test_speed_quick(tmp_path):
+    speed = load("speed")
+    result = speed.main(["--quick", "--out", str(tmp_path), "--no-progress"])["results"]
+    (step,) = result["step"]
+    assert finite(step["dense_ms"]) and finite(step["sparse_ms"]) and step["ratio"] > 0
+    assert [r["layer"] for r in result["update"]] == ["64x64", "128x128"]
+    for row in result["update"]:
+        for key in ("remove_s", "ch2_matrix_s", "ch2_chunked_s", "sampling_s", "regrow_total_s", "path_ch3_s"):
+            assert finite(row[key]), key
+        assert row["chunk_max_abs_diff"] < 1e-3  # chunking does not change the scores
+    assert finite(result["overhead"]["overhead_pct_micro_batch"])
+    assert result["memory"]["mask_bytes_per_weight"] <= 1.0
+    assert finite(result["memory"]["sparse_peak_rss_mb"])
+    checkpoint = result["checkpoint"]
+    assert finite(checkpoint["compact_over_dense"]) and checkpoint["compact_bytes"] < checkpoint["dense_bytes"]
+    assert len(read_csv(tmp_path / "speed_quick_update.csv")) == 2
+    assert (tmp_path / "speed_quick.txt").read_text().strip()
+
+
+def test_regrowth_task_quick(tmp_path):
+    task = load("regrowth_task")
+    result = task.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    rows = read_csv(tmp_path / "regrowth_task_quick.csv")
+    assert [r["variant"] for r in rows] == task.QUICK_VARIANTS
+    for row in rows:
+        assert 0.0 <= float(row["acc_mean"]) <= 1.0 and math.isfinite(float(row["loss_mean"]))
+        assert abs(float(row["density"]) - 0.05) < 0.01
+    assert all(r["updates"] > 0 for r in result["runs"])
