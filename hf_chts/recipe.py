@@ -75,6 +75,7 @@ class RunSection:
     resume: bool = False
     global_batch_size: int | None = None  # sets gradient_accumulation_steps = global / (per-device batch × processes)
     log_per_layer_density: bool = False
+    torch_threads: int | None = None  # torch.set_num_threads per process (tiny CPU models: 1 avoids OpenMP overhead)
 
 
 @dataclass
@@ -862,6 +863,12 @@ def parameter_count(preset: str, vocab_size: int | None = None, **overrides) -> 
             "sparsifiable": sparsifiable}
 
 
+def configure_torch(recipe: Recipe) -> None:
+    """Per-process torch settings of the recipe (``run.torch_threads``)."""
+    if recipe.run.torch_threads:
+        torch.set_num_threads(recipe.run.torch_threads)
+
+
 def build_model(recipe: Recipe, tokenizer):
     """A randomly initialised ``LlamaForCausalLM`` (seeded by ``run.seed``)."""
     import transformers
@@ -1173,25 +1180,30 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     from .model import sparsify
 
     started = time.time()
-    state = PartialState()
-    mode = check_output_dir(recipe)  # every rank checks before anyone writes
-    state.wait_for_everyone()
-    if state.is_main_process:
-        prepare_output_dir(recipe, mode)
-    state.wait_for_everyone()
-    with state.main_process_first():
-        corpus = load_corpus(recipe)
-        tokenizer = build_tokenizer(recipe, corpus)
-        data = build_lm_datasets(recipe, tokenizer, corpus)
-    model = build_model(recipe, tokenizer)
-    config = sparsify_config(recipe)
-    sparsify(model, config)
-    callback = make_callback(recipe, config)
-    args = training_arguments(recipe, world_size=state.num_processes)
-    trainer = build_trainer(recipe, model, tokenizer, data, callback, args=args)
-    resume = last_checkpoint(recipe) if mode == "resume" else None
-    output = trainer.train(resume_from_checkpoint=resume)
-    return finish_run(recipe, trainer, callback, tokenizer, data, started=started, train_output=output)
+    threads = torch.get_num_threads()
+    configure_torch(recipe)
+    try:
+        state = PartialState()
+        mode = check_output_dir(recipe)  # every rank checks before anyone writes
+        state.wait_for_everyone()
+        if state.is_main_process:
+            prepare_output_dir(recipe, mode)
+        state.wait_for_everyone()
+        with state.main_process_first():
+            corpus = load_corpus(recipe)
+            tokenizer = build_tokenizer(recipe, corpus)
+            data = build_lm_datasets(recipe, tokenizer, corpus)
+        model = build_model(recipe, tokenizer)
+        config = sparsify_config(recipe)
+        sparsify(model, config)
+        callback = make_callback(recipe, config)
+        args = training_arguments(recipe, world_size=state.num_processes)
+        trainer = build_trainer(recipe, model, tokenizer, data, callback, args=args)
+        resume = last_checkpoint(recipe) if mode == "resume" else None
+        output = trainer.train(resume_from_checkpoint=resume)
+        return finish_run(recipe, trainer, callback, tokenizer, data, started=started, train_output=output)
+    finally:
+        torch.set_num_threads(threads)  # run.torch_threads applies to this run only
 
 
 def train_command(args) -> int:

@@ -42,6 +42,7 @@ def main(argv=None):
         mode = R.check_output_dir(recipe)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         parser.exit(2, f"pretrain.py: error: {error}\n")
+    R.configure_torch(recipe)  # run.torch_threads
     state = PartialState()  # one process, or one of many under `accelerate launch`
     state.wait_for_everyone()  # then the main process claims the folder
     if state.is_main_process:
