@@ -1185,10 +1185,6 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     try:
         state = PartialState()
         mode = check_output_dir(recipe)  # every rank checks before anyone writes
-        state.wait_for_everyone()
-        if state.is_main_process:
-            prepare_output_dir(recipe, mode)
-        state.wait_for_everyone()
         with state.main_process_first():
             corpus = load_corpus(recipe)
             tokenizer = build_tokenizer(recipe, corpus)
@@ -1196,6 +1192,10 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
         model = build_model(recipe, tokenizer)
         config = sparsify_config(recipe)
         sparsify(model, config)
+        state.wait_for_everyone()  # inputs are fine on every rank: claim the output folder
+        if state.is_main_process:
+            prepare_output_dir(recipe, mode)
+        state.wait_for_everyone()
         callback = make_callback(recipe, config)
         args = training_arguments(recipe, world_size=state.num_processes)
         trainer = build_trainer(recipe, model, tokenizer, data, callback, args=args)

@@ -36,7 +36,7 @@ def main(argv=None):
     started = time.time()
 
     # 1. Recipe: YAML + overrides, validated (unknown keys, bad values, missing files fail here),
-    # 2. and the output folder: every rank checks it holds no other run before anything is written.
+    #    and the output folder: it must not hold another run (checked by every rank, nothing written yet).
     try:
         recipe = R.load_recipe(args.config, overrides, overwrite=args.overwrite)
         mode = R.check_output_dir(recipe)
@@ -44,12 +44,8 @@ def main(argv=None):
         parser.exit(2, f"pretrain.py: error: {error}\n")
     R.configure_torch(recipe)  # run.torch_threads
     state = PartialState()  # one process, or one of many under `accelerate launch`
-    state.wait_for_everyone()  # then the main process claims the folder
-    if state.is_main_process:
-        R.prepare_output_dir(recipe, mode)
-    state.wait_for_everyone()
 
-    # 3. Data and tokenizer: documents -> (BPE trained and cached, or a Hub tokenizer) -> packed blocks.
+    # 2. Data and tokenizer: documents -> (BPE trained and cached, or a Hub tokenizer) -> packed blocks.
     #    The main process goes first so dataset and tokenizer caches are written once.
     with state.main_process_first():
         corpus = R.load_corpus(recipe)
@@ -58,13 +54,19 @@ def main(argv=None):
     if state.is_main_process:
         print(f"data: {data.stats}")
 
-    # 4. Model: a LlamaConfig from the preset (+ overrides), randomly initialised.
+    # 3. Model: a LlamaConfig from the preset (+ overrides), randomly initialised.
     model = R.build_model(recipe, tokenizer)
     print(f"[rank {state.process_index}] model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
-    # 5. Sparsify: every decoder linear becomes a masked layer at the initial density.
+    # 4. Sparsify: every decoder linear becomes a masked layer at the initial density.
     config = R.sparsify_config(recipe)
     sparsify(model, config)
+
+    # 5. Everything loaded on every rank: the main process claims the output folder (recipe.yaml).
+    state.wait_for_everyone()
+    if state.is_main_process:
+        R.prepare_output_dir(recipe, mode)
+    state.wait_for_everyone()
 
     # 6. Trainer + callback: the callback runs removal / percolation / regrowth every Δ steps.
     callback = CHTssTrainerCallback(config, log_per_layer=recipe.run.log_per_layer_density)

@@ -337,6 +337,15 @@ def test_missing_text_file_or_dataset_path(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_unreachable_hub_dataset_fails_before_the_output_folder_is_claimed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    code = cli_main(["train", str(ROOT / "recipes" / "llama-60m-chtss.yaml"), "--run.output_dir", str(out)])
+    assert code == 2
+    assert "could not load 'Skylion007/openwebtext'" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_output_folder_holding_a_different_run_is_refused(tmp_path, capsys):
     write_corpus(tmp_path / "corpus")
     path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path))
@@ -447,3 +456,24 @@ def test_60m_recipe_shrunk_on_two_processes(tmp_path):
     assert summary["reload_check"]["match"] is True
     recipe = summary["recipe"]
     assert recipe["model"]["preset"] == "llama-60m" and recipe["model"]["hidden_size"] == 32
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+    common = [str(ROOT / "recipes" / "tiny-llama-cpu.yaml"), "--run.output_dir", str(tmp_path / "run"),
+              "--tokenizer.cache_dir", str(tmp_path / "tok"), "--training.max_steps", "40",
+              "--training.save_steps", "20", "--eval.local_task_from_heldout", "false"]
+    assert cli_main(["train", *common]) == 0
+    full = json.loads((tmp_path / "run" / R.SUMMARY_FILE).read_text())
+    # simulate a crash after step 20: drop everything written later
+    import shutil
+
+    for name in ("checkpoint-40", R.FINAL_DIR):
+        shutil.rmtree(tmp_path / "run" / name)
+    (tmp_path / "run" / R.SUMMARY_FILE).unlink()
+    assert cli_main(["train", *common, "--run.resume", "true"]) == 0
+    resumed = json.loads((tmp_path / "run" / R.SUMMARY_FILE).read_text())
+    assert resumed["steps"] == 40
+    assert resumed["final_density"] == full["final_density"]
+    assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
+    assert [h["step"] for h in resumed["sparsity_history"]] == [h["step"] for h in full["sparsity_history"]]
