@@ -3,6 +3,7 @@
 Public API::
 
     from hf_chts import SparsifyConfig, sparsify, CHTssTrainerCallback
+    from hf_chts import save_sparse, load_sparse, merge_lora, evaluate_model
 """
 
 from .config import SparsifyConfig
@@ -20,6 +21,9 @@ __all__ = [
     "CHTssTrainerCallback",
     "save_sparse",
     "load_sparse",
+    "read_engine_state",
+    "merge_lora",
+    "evaluate_model",
 ]
 
 
@@ -32,8 +36,12 @@ def __getattr__(name):  # lazy imports keep `import hf_chts` light
         from .callback import CHTssTrainerCallback
 
         return CHTssTrainerCallback
-    if name in ("save_sparse", "load_sparse"):
+    if name in ("save_sparse", "load_sparse", "read_engine_state", "merge_lora"):
         from . import checkpoint
 
         return getattr(checkpoint, name)
+    if name == "evaluate_model":
+        from .evaluation import evaluate_model
+
+        return evaluate_model
     raise AttributeError(f"module 'hf_chts' has no attribute {name!r}")

@@ -39,6 +39,8 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--num-fewshot", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--bootstrap-iters", type=int, default=1000,
+                        help="bootstrap iterations for the stderr of non-mean metrics (0 skips them)")
     parser.set_defaults(handler="hf_chts.evaluation:eval_command")
 
 

@@ -1,0 +1,315 @@
+"""lm-eval-harness glue: evaluate a (sparse) model in memory or a checkpoint from the CLI.
+
+- :func:`evaluate_model` runs ``lm_eval.simple_evaluate`` on an in-memory model
+  (``HFLM(pretrained=model, tokenizer=...)``) and adds the model's density and ANP.
+- :func:`eval_command` is ``hf-chts eval <checkpoint-or-repo> --tasks t1,t2``: it
+  loads the checkpoint with :func:`hf_chts.load_sparse` (compact format included),
+  evaluates, writes lm-eval's results JSON with ``hf_chts`` density/ANP added, and
+  prints a small table.
+- :func:`write_local_tasks` writes offline lm-eval tasks (a multiple-choice task
+  and a perplexity task) built from plain texts, e.g. held-out training text.
+
+A checkpoint written by :func:`hf_chts.save_sparse` (dense format) also works
+with the stock CLI: ``lm_eval --model hf --model_args pretrained=<folder>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+RESULT_KEYS_DROPPED = ("samples",)  # per-document outputs: large, and not needed in the summary
+
+
+# ================================================================ local tasks
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    from .io_utils import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _yaml(config: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+def _clean_texts(texts) -> list[str]:
+    cleaned = [" ".join(str(text).split()) for text in texts]
+    return [text for text in cleaned if text]
+
+
+def _choice_documents(texts: list[str], num_choices: int, context_words: int, continuation_words: int,
+                      seed: int) -> list[dict]:
+    """Cloze documents: the true continuation of a text against continuations of other texts."""
+    rng = random.Random(seed)
+    pieces = []
+    for text in texts:
+        words = text.split()
+        if len(words) >= context_words + continuation_words:
+            pieces.append((" ".join(words[:context_words]),
+                           " " + " ".join(words[context_words:context_words + continuation_words])))
+    if len(pieces) < num_choices:
+        raise ValueError(
+            f"write_local_tasks: only {len(pieces)} texts have at least {context_words + continuation_words} words; "
+            f"a {num_choices}-way multiple-choice task needs at least {num_choices}. Pass longer or more texts, "
+            "or lower context_words / continuation_words / num_choices"
+        )
+    answers = sorted({answer for _, answer in pieces})
+    if len(answers) < num_choices:
+        raise ValueError(
+            f"write_local_tasks: the texts give only {len(answers)} distinct continuations; a {num_choices}-way "
+            f"multiple-choice task needs at least {num_choices} (pass more varied texts)"
+        )
+    documents = []
+    for context, answer in pieces:
+        others = rng.sample([other for other in answers if other != answer], num_choices - 1)
+        label = rng.randrange(num_choices)
+        choices = others[:label] + [answer] + others[label:]
+        documents.append({"context": context, "choices": choices, "label": label})
+    return documents
+
+
+def write_local_tasks(folder: str | os.PathLike, texts, *, prefix: str = "hf_chts_local", num_choices: int = 4,
+                      context_words: int = 24, continuation_words: int = 8, seed: int = 0,
+                      kinds: tuple[str, ...] = ("choice", "perplexity")) -> list[str]:
+    """Write offline lm-eval tasks built from ``texts`` into ``folder``; return their names.
+
+    - ``{prefix}_choice`` (``output_type: multiple_choice``, metrics ``acc`` and
+      ``acc_norm``): each text's first ``context_words`` words are the prompt,
+      its next ``continuation_words`` words the right answer, and the same span
+      of ``num_choices - 1`` other texts the distractors (deterministic with ``seed``).
+    - ``{prefix}_perplexity`` (``output_type: loglikelihood_rolling``, metrics
+      ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``) over the texts.
+
+    The data files are JSON lines next to the YAMLs, referenced by absolute
+    path (lm-eval resolves relative ``data_files`` against the working
+    directory). Use with ``--include_path <folder>`` (CLI) or
+    ``TaskManager(include_path=folder)``.
+    """
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = _clean_texts(texts)
+    if not texts:
+        raise ValueError("write_local_tasks: no non-empty text given")
+    unknown = set(kinds) - {"choice", "perplexity"}
+    if unknown:
+        raise ValueError(f"write_local_tasks: unknown task kinds {sorted(unknown)}; expected 'choice' and/or 'perplexity'")
+    from .io_utils import atomic_write_text
+
+    names = []
+    if "choice" in kinds:
+        name = f"{prefix}_choice"
+        data = folder / f"{name}.jsonl"
+        _write_jsonl(data, _choice_documents(texts, num_choices, context_words, continuation_words, seed))
+        atomic_write_text(folder / f"{name}.yaml", _yaml({
+            "task": name,
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "output_type": "multiple_choice",
+            "test_split": "test",
+            "doc_to_text": "{{context}}",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{label}}",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+            "metadata": {"version": 1.0},
+        }))
+        names.append(name)
+    if "perplexity" in kinds:
+        name = f"{prefix}_perplexity"
+        data = folder / f"{name}.jsonl"
+        _write_jsonl(data, [{"text": text} for text in texts])
+        atomic_write_text(folder / f"{name}.yaml", _yaml({
+            "task": name,
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "output_type": "loglikelihood_rolling",
+            "test_split": "test",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+            "metadata": {"version": 1.0},
+        }))
+        names.append(name)
+    return names
+
+
+# ================================================================ evaluation
+def _task_list(tasks) -> list[str]:
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    names = [str(task).strip() for task in tasks if str(task).strip()]
+    if not names:
+        raise ValueError("no lm-eval task given: pass task names, e.g. --tasks hellaswag,arc_easy")
+    return names
+
+
+def make_task_manager(tasks: list[str], include_path: str | os.PathLike | None = None):
+    """A ``TaskManager`` that scans only ``include_path`` when it holds every task (fast, offline),
+    else the built-in tasks too; ``ValueError`` listing the tasks found nowhere."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise FileNotFoundError(f"--include-path {include_path} is not a folder of lm-eval task YAMLs")
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(task in local.all_tasks for task in tasks):
+            return local
+    manager = TaskManager(include_path=str(include_path) if include_path is not None else None, include_defaults=True)
+    unknown = [task for task in tasks if task not in manager.all_tasks and not manager.match_tasks([task])]
+    if unknown:
+        raise ValueError(
+            f"unknown lm-eval task(s) {unknown}; list them with `lm_eval ls tasks`"
+            + (f" or check the YAMLs in {include_path}" if include_path else "; local tasks need --include-path")
+        )
+    return manager
+
+
+def sparsity_summary(model: nn.Module) -> dict[str, Any]:
+    """``{"density", "anp", "method", "live_links", "total_links"}`` of a (possibly dense) model."""
+    from .model import find_state, sparsity_report
+
+    state = find_state(model)
+    if state is None:
+        return {"density": 1.0, "anp": None, "method": None, "sparse": False}
+    report = sparsity_report(model)
+    return {"density": report.density, "anp": report.anp, "method": state.config.method,
+            "target_density": state.config.target_density, "live_links": report.live_links,
+            "total_links": report.total_links, "sparse": True}
+
+
+def evaluate_model(model: nn.Module, tokenizer, tasks, *, include_path: str | os.PathLike | None = None,
+                   batch_size: int | str = 8, limit: int | float | None = None, num_fewshot: int | None = None,
+                   device: str = "cpu", bootstrap_iters: int = 1000) -> dict | None:
+    """Zero-/few-shot evaluation of an in-memory model with lm-eval-harness.
+
+    Args:
+        model: a causal LM (sparsified or not); moved to ``device``.
+        tokenizer: its tokenizer.
+        tasks: task names (list or comma-separated string).
+        include_path: folder of extra task YAMLs; when every task is found there,
+            the built-in task index is not scanned.
+        batch_size, limit, num_fewshot: as in ``lm_eval.simple_evaluate``.
+        device: where the model runs.
+        bootstrap_iters: bootstrap iterations for the stderr of non-mean metrics (0 skips them).
+
+    Returns:
+        lm-eval's results dict plus ``results["hf_chts"] = {"density", "anp", "method", ...}``
+        on the main process; ``None`` on other ranks.
+    """
+    from .checkpoint import is_main_process
+
+    if not is_main_process():
+        return None
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    names = _task_list(tasks)
+    manager = make_task_manager(names, include_path)
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                  log_samples=False, bootstrap_iters=bootstrap_iters)
+    finally:
+        model.train(was_training)
+    if results is None:
+        return None
+    results = dict(results)
+    results["hf_chts"] = sparsity_summary(model)
+    return results
+
+
+def jsonable_results(results: dict) -> dict:
+    """lm-eval results without per-sample data, round-tripped through JSON (non-serialisable values become strings)."""
+    from lm_eval.utils import handle_non_serializable
+
+    kept = {key: value for key, value in results.items() if key not in RESULT_KEYS_DROPPED}
+    return json.loads(json.dumps(kept, default=handle_non_serializable))
+
+
+def _is_stderr(metric: str) -> bool:
+    return "_stderr" in metric
+
+
+def results_table(results: dict) -> str:
+    """Small text table: task, metric, value (± stderr), then density and ANP."""
+    rows = []
+    for task, metrics in sorted(results.get("results", {}).items()):
+        for key, value in metrics.items():
+            if key in ("alias", "sample_len") or _is_stderr(key) or not isinstance(value, (int, float)):
+                continue
+            metric, _, filter_name = key.partition(",")
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            shown = f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
+            rows.append((task, metric, shown))
+    width = max([len(r[0]) for r in rows] + [4])
+    lines = [f"{'task':<{width}}  {'metric':<16} value", "-" * (width + 36)]
+    lines += [f"{task:<{width}}  {metric:<16} {value}" for task, metric, value in rows]
+    summary = results.get("hf_chts", {})
+    anp = summary.get("anp")
+    lines.append("-" * (width + 36))
+    lines.append(f"density {summary.get('density', float('nan')):.4f}   ANP {'n/a' if anp is None else format(anp, '.4f')}"
+                 f"   method {summary.get('method')}")
+    return "\n".join(lines)
+
+
+def _default_output(checkpoint: str, folder: Path) -> Path:
+    if Path(checkpoint).expanduser().is_dir():
+        return Path(checkpoint).expanduser() / "eval_results.json"
+    return Path.cwd() / f"eval_results_{checkpoint.replace('/', '__')}.json"
+
+
+def eval_command(args) -> int:
+    """``hf-chts eval <checkpoint-or-repo> --tasks t1,t2 [--include-path dir] [--output file]``."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import load_sparse, resolve_checkpoint
+    from .io_utils import atomic_write_text
+
+    folder = resolve_checkpoint(args.checkpoint, revision=getattr(args, "revision", None))
+    model = load_sparse(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    limit = args.limit
+    if limit is not None and float(limit).is_integer() and limit >= 1:
+        limit = int(limit)
+    results = evaluate_model(model, tokenizer, args.tasks, include_path=args.include_path,
+                             batch_size=args.batch_size, limit=limit, num_fewshot=args.num_fewshot,
+                             device=args.device, bootstrap_iters=getattr(args, "bootstrap_iters", 1000))
+    if results is None:
+        return 0
+    results = jsonable_results(results)
+    results["hf_chts"]["checkpoint"] = str(args.checkpoint)
+    output = Path(args.output) if args.output else _default_output(str(args.checkpoint), folder)
+    atomic_write_text(output, json.dumps(results, indent=2, allow_nan=True) + "\n")
+    print(results_table(results))
+    print(f"results written to {output}")
+    return 0
+
+
+def finite_metrics(results: dict) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` of the numeric, non-stderr metrics (helper for checks and summaries)."""
+    table = {}
+    for task, metrics in results.get("results", {}).items():
+        table[task] = {key.split(",")[0]: float(value) for key, value in metrics.items()
+                       if isinstance(value, (int, float)) and not _is_stderr(key) and key not in ("alias", "sample_len")
+                       and math.isfinite(float(value))}
+    return table
+
+
+__all__ = ["evaluate_model", "eval_command", "write_local_tasks", "make_task_manager", "sparsity_summary",
+           "jsonable_results", "results_table", "finite_metrics"]

@@ -1,0 +1,134 @@
+"""lm-eval on sparse checkpoints: local tasks, `hf-chts eval`, and the stock `lm_eval` CLI."""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hf_chts import SparsifyConfig, sparsify, sparsity_report
+from hf_chts.checkpoint import load_sparse, save_sparse
+from hf_chts.cli import main as cli_main
+from hf_chts.evaluation import evaluate_model, write_local_tasks
+
+PREFIX = "hfchts_test"
+CHOICE, PERPLEXITY = f"{PREFIX}_choice", f"{PREFIX}_perplexity"
+LIMIT = "8"
+
+
+def heldout_texts(count=24, words=40):
+    from pydoc_data.topics import topics
+
+    texts = [" ".join(text.split()[:words]) for _, text in sorted(topics.items())]
+    return [text for text in texts if len(text.split()) == words][:count]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A sparse tiny LLaMA (byte-level tokenizer) saved dense and compact, plus local tasks."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("evaluation")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=384, max_position_embeddings=512)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.3))
+    layer = model.model.layers[0].mlp.down_proj  # some dead neurons so ANP < 1 is visible
+    layer.set_mask(layer.mask & (torch.arange(layer.mask.shape[1]) >= 10)[None, :])
+    tokenizer = transformers.ByT5Tokenizer()
+    save_sparse(model, root / "dense", tokenizer=tokenizer)
+    save_sparse(model, root / "compact", tokenizer=tokenizer, compact=True)
+    names = write_local_tasks(root / "tasks", heldout_texts(), prefix=PREFIX)
+    return {"root": root, "model": model, "tokenizer": tokenizer, "tasks": root / "tasks", "names": names}
+
+
+def run_hf_chts_eval(workspace, checkpoint, output, tasks=(CHOICE, PERPLEXITY)):
+    code = cli_main(["eval", str(checkpoint), "--tasks", ",".join(tasks), "--include-path", str(workspace["tasks"]),
+                     "--output", str(output), "--batch-size", "4", "--limit", LIMIT])
+    assert code == 0
+    return json.loads(Path(output).read_text())
+
+
+@pytest.fixture(scope="module")
+def hf_chts_results(workspace):
+    return run_hf_chts_eval(workspace, workspace["root"] / "dense", workspace["root"] / "dense_results.json")
+
+
+def check_scores(results):
+    choice, perplexity = results["results"][CHOICE], results["results"][PERPLEXITY]
+    assert 0.0 <= choice["acc,none"] <= 1.0 and 0.0 <= choice["acc_norm,none"] <= 1.0
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert math.isfinite(perplexity[metric]) and perplexity[metric] > 0, metric
+    assert results["n-samples"][CHOICE]["effective"] == int(LIMIT)
+
+
+def test_write_local_tasks(workspace):
+    names = workspace["names"]
+    assert names == [CHOICE, PERPLEXITY]
+    choice = yaml.safe_load((workspace["tasks"] / f"{CHOICE}.yaml").read_text())
+    perplexity = yaml.safe_load((workspace["tasks"] / f"{PERPLEXITY}.yaml").read_text())
+    assert choice["output_type"] == "multiple_choice" and perplexity["output_type"] == "loglikelihood_rolling"
+    for config in (choice, perplexity):
+        data = Path(config["dataset_kwargs"]["data_files"]["test"])
+        assert config["dataset_path"] == "json" and data.is_absolute() and data.exists()
+    documents = [json.loads(line) for line in Path(choice["dataset_kwargs"]["data_files"]["test"]).read_text().splitlines()]
+    texts = heldout_texts()
+    assert len(documents) == len(texts)
+    for document, text in zip(documents, texts):
+        assert len(document["choices"]) == 4 and len(set(document["choices"])) == 4
+        assert text.startswith(document["context"] + document["choices"][document["label"]])
+    with pytest.raises(ValueError, match="needs at least 4"):
+        write_local_tasks(workspace["root"] / "few", texts[:3], prefix="few")
+
+
+def test_hf_chts_eval_reports_scores_density_and_anp(workspace, hf_chts_results, capsys):
+    check_scores(hf_chts_results)
+    report = sparsity_report(load_sparse(workspace["root"] / "dense"))
+    summary = hf_chts_results["hf_chts"]
+    assert summary["density"] == pytest.approx(report.density) and summary["anp"] == pytest.approx(report.anp)
+    assert summary["anp"] < 1.0 and summary["method"] == "chts"
+    assert CHOICE in hf_chts_results["configs"] and "versions" in hf_chts_results
+
+    compact = run_hf_chts_eval(workspace, workspace["root"] / "compact", workspace["root"] / "compact.json", (CHOICE,))
+    assert compact["results"][CHOICE]["acc,none"] == hf_chts_results["results"][CHOICE]["acc,none"]
+    assert compact["hf_chts"]["density"] == pytest.approx(report.density)
+    table = capsys.readouterr().out
+    assert "acc" in table and f"density {report.density:.4f}" in table and f"ANP {report.anp:.4f}" in table
+
+
+def test_evaluate_model_in_memory_and_off_main(workspace, hf_chts_results, monkeypatch):
+    import hf_chts.checkpoint as checkpoint
+
+    results = evaluate_model(workspace["model"], workspace["tokenizer"], [CHOICE], include_path=workspace["tasks"],
+                             batch_size=4, limit=int(LIMIT))
+    assert results["results"][CHOICE]["acc,none"] == hf_chts_results["results"][CHOICE]["acc,none"]
+    assert results["hf_chts"]["density"] == pytest.approx(hf_chts_results["hf_chts"]["density"])
+    monkeypatch.setattr(checkpoint, "is_main_process", lambda: False)
+    assert evaluate_model(workspace["model"], workspace["tokenizer"], [CHOICE]) is None
+
+
+def test_stock_lm_eval_cli_on_sparse_checkpoint(workspace, hf_chts_results, tmp_path):
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [str(lm_eval), "run", "--model", "hf", "--model_args",
+               f"pretrained={workspace['root'] / 'dense'},dtype=float32", "--tasks", f"{CHOICE},{PERPLEXITY}",
+               "--include_path", str(workspace["tasks"]), "--device", "cpu", "--batch_size", "4", "--limit", LIMIT,
+               "--output_path", str(tmp_path)]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)
+    assert len(files) == 1, done.stdout[-2000:]
+    results = json.loads(Path(files[0]).read_text())
+    check_scores(results)
+    # same model, same documents: the stock harness and hf-chts eval agree
+    for task in (CHOICE, PERPLEXITY):
+        for metric, value in results["results"][task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert value == pytest.approx(hf_chts_results["results"][task][metric], rel=1e-4), (task, metric)

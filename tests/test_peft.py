@@ -1,0 +1,76 @@
+"""LoRA fine-tuning on a sparse model and merge_lora keeping the sparsity pattern."""
+
+import copy
+
+import pytest
+import torch
+
+import hf_chts
+from hf_chts import SparsifyConfig, sparsify, sparsity_report
+from hf_chts.checkpoint import load_sparse, save_sparse
+from hf_chts.layers import sparse_layers
+from hf_chts.model import find_state
+
+TARGETS = {"llama": ["q_proj", "v_proj", "up_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+
+
+def lora_trained(make_tiny_model, model_type, steps=3):
+    from peft import LoraConfig, get_peft_model
+
+    model = make_tiny_model(model_type)
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.3))
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS[model_type],
+                      fan_in_fan_out=model_type == "gpt2")
+    peft_model = get_peft_model(model, lora)
+    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 128, (2, 16), generator=generator)
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_merge_lora_keeps_masks_and_zeros(make_tiny_model, model_type, tmp_path):
+    peft_model = lora_trained(make_tiny_model, model_type)
+    masks = {name: layer.mask.clone() for name, layer in sparse_layers(peft_model).items()}
+    density = sparsity_report(peft_model).density
+    wrapped = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped, "peft wrapped no sparse layer"
+
+    plain = copy.deepcopy(peft_model).merge_and_unload()  # what merging without re-masking gives
+    plain_layers = sparse_layers(plain)
+    leaked = [name for name, layer in plain_layers.items() if bool(layer.logical_weight()[~layer.mask].any())]
+    assert leaked, "the LoRA delta did not touch masked positions: the test could not fail"
+
+    merged = hf_chts.merge_lora(peft_model)
+    assert find_state(merged) is not None and not hasattr(merged, "peft_config")
+    layers = sparse_layers(merged)
+    assert set(layers) == set(masks)
+    for name, layer in layers.items():
+        assert torch.equal(layer.mask, masks[name]), name
+        weight = layer.logical_weight().detach()
+        assert not bool(weight[~layer.mask].any()), name
+        # live links carry the merged LoRA update, exactly as the plain merge computes it
+        assert torch.equal(weight[layer.mask], plain_layers[name].logical_weight().detach()[layer.mask]), name
+    assert sparsity_report(merged).density == pytest.approx(density)
+    assert any(not torch.equal(layers[n].weight, plain_layers[n].weight) for n in leaked)
+
+    save_sparse(merged, tmp_path)
+    reloaded = load_sparse(tmp_path).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
+def test_merge_lora_rejects_non_peft_and_dense(make_tiny_model):
+    model = make_tiny_model("llama")
+    with pytest.raises(ValueError, match="peft model"):
+        hf_chts.merge_lora(model)
+    from peft import LoraConfig, get_peft_model
+
+    dense_peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="not sparsified"):
+        hf_chts.merge_lora(dense_peft)
