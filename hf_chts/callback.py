@@ -122,7 +122,9 @@ class CHTssTrainerCallback(TrainerCallback):
             self.engine.verify_masks_across_ranks()
         logs = stats.to_log(per_layer=self.log_per_layer)
         if self._trainer is not None:
+            should_log = control.should_log  # Trainer.log's callbacks reset it; keep the loss log of this step
             self._trainer.log(logs)
+            control.should_log = self._trainer.control.should_log = should_log
         else:  # not driven by transformers.Trainer: record in the state's history at least
             state.log_history.append({**logs, "step": state.global_step})
 

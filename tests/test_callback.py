@@ -31,6 +31,8 @@ def test_trainer_run_follows_the_sigmoid_and_logs_it(make_tiny_model, tmp_path, 
         assert 0 <= entry["sparsity/overlap"] <= 1 and 0 < entry["sparsity/anp"] <= 1
         assert any(key.startswith("sparsity/layer/") for key in entry)
     assert logs[0]["sparsity/density"] > 0.9 and logs[-1]["sparsity/target_density"] == 0.3
+    # the Trainer's own loss log is kept on update steps too
+    assert sorted(e["step"] for e in trainer.state.log_history if "loss" in e) == list(range(1, 49))
     densities = [entry["sparsity/density"] for entry in logs]
     assert densities == sorted(densities, reverse=True)
     final = sum(int(l.mask.sum()) for l in sparse_layers(model).values()) / sum(
@@ -105,6 +107,7 @@ def test_resume_from_checkpoint_is_exact(make_tiny_model, tmp_path):
         assert torch.equal(layer.mask, resumed_layers[name].mask), name
         assert torch.equal(layer.weight, resumed_layers[name].weight), name
     straight_losses, resumed_losses = _losses(straight), _losses(resumed)
+    assert sorted(resumed_losses) == list(range(1, 31))  # history of checkpoint-15 + the resumed steps
     assert all(straight_losses[step] == resumed_losses[step] for step in range(16, 31))
 
 
