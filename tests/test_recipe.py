@@ -380,6 +380,13 @@ def test_non_run_folder_is_never_overwritten(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_plot_is_optional(tmp_path, monkeypatch, capsys):
+    summary = {"steps": 10, "sparsity_history": [], "loss_curve": {"train": [], "eval": []}, "recipe_name": "x"}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert R.plot_training_curves(summary, SparsifyConfig(update_interval=2), tmp_path / "p.png") is False
+    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "p.png").exists()
+
+
 # --------------------------------------------------------------------------- end to end
 def test_tiny_recipe_end_to_end_through_the_cli(tmp_path, capsys):
     pytest.importorskip("lm_eval")
@@ -400,7 +407,8 @@ def test_tiny_recipe_end_to_end_through_the_cli(tmp_path, capsys):
     assert all(set(h) >= {"step", "target_density", "density", "anp", "overlap"} for h in history)
     assert summary["val_ppl"] == pytest.approx(2.718281828 ** summary["val_loss"], rel=1e-6)
     assert summary["reload_check"]["match"] is True
-    assert any("loss" in e for e in summary["loss_curve"]["train"])
+    assert [e["step"] for e in summary["loss_curve"]["train"]] == [10, 20, 30, 40]  # logging_steps 10, none lost
+    assert [e["step"] for e in summary["loss_curve"]["eval"]][:2] == [20, 40]
     assert summary["lm_eval"] and summary["lm_eval"]["metrics"]
     assert summary["recipe"]["training"]["max_steps"] == 40
     assert (out / R.PLOT_FILE).stat().st_size > 10_000
