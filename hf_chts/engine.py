@@ -106,10 +106,12 @@ class SparseTrainingEngine:
         self.layers: dict[str, SparseLayerMixin] = dict(sorted(sparse_layers(model).items()))
         for layer in self.layers.values():  # FSDP2 may have sharded the weights after sparsify()
             layer.refresh_mask_shard()
-        if not self.layers and not self.config.is_dense:
+        missing = sorted(set(self.topology.layers) - set(self.layers))
+        if missing:
             raise ValueError(
-                "the engine finds no sparse layer in this model: it was sparsified, then wrapped or compiled in a way "
-                "that replaced its modules. Call sparsify() on the final model object before wrapping it."
+                f"the engine cannot see {len(missing)} sparsified layer(s) (e.g. {missing[:3]}): the model was "
+                "sparsified, then wrapped, converted or compiled in a way that replaced those modules. Call "
+                "sparsify() on the final model object (after such conversions), then build the optimizer and the engine."
             )
         self.schedule = SparseSchedule.from_config(self.config, total_steps)
         self.completed_steps = 0

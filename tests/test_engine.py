@@ -252,3 +252,20 @@ def test_masks_identical_for_identical_runs(make_tiny_model):
         _run(model, engine, optimizer, list(batches(8, 40)))
         checksums.append(engine.mask_checksum())
     assert checksums[0] == checksums[1]
+
+
+def test_engine_refuses_a_model_whose_sparse_modules_were_replaced(make_tiny_model):
+    model = make_tiny_model("llama")
+    sparsify(model, SparsifyConfig(method="chts"))
+    attention = model.model.layers[1].self_attn
+    attention.q_proj = torch.nn.Linear(attention.q_proj.in_features, attention.q_proj.out_features, bias=False)
+    with pytest.raises(ValueError, match="model.layers.1.self_attn.q_proj"):
+        SparseTrainingEngine(model, total_steps=10)
+
+
+def test_engine_sees_through_torch_compile_wrappers(make_tiny_model):
+    model = make_tiny_model("llama")
+    sparsify(model, SparsifyConfig(method="chts"))
+    compiled = torch.compile(model, backend="eager")
+    engine = SparseTrainingEngine(compiled, total_steps=10)
+    assert set(engine.layers) == set(find_state(model).topology.layers)
