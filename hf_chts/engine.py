@@ -126,6 +126,7 @@ class SparseTrainingEngine:
             self.attach_optimizer(optimizer)
         if lr_scheduler is not None:
             self.attach_lr_scheduler(lr_scheduler)
+        self._prepare_next_step()
 
     # ------------------------------------------------------------ optimizer
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
