@@ -236,83 +236,84 @@ class SparseTrainingEngine:
         """Prune to schedule, remove, percolate, regrow (ALGORITHMS.md §3–§6) for every layer."""
         started = time.perf_counter()
         step = self.completed_steps
-        config, schedule = self.config, self.schedule
-        density = schedule.density_at(step)
-        zeta = schedule.removal_fraction_at(step) if config.removal != "none" else 0.0
-        temperature = math.inf if config.removal == "rigid" else schedule.removal_temperature_at(step)
+        density = self.schedule.density_at(step)
+        zeta = self.schedule.removal_fraction_at(step) if self.config.removal != "none" else 0.0
+        temperature = math.inf if self.config.removal == "rigid" else self.schedule.removal_temperature_at(step)
+        if self.config.regrowth == "gradient" and not self._dense_grads and self.layers:
+            raise ValueError("gradient (RigL) regrowth needs the dense gradient of the update step: create the engine "
+                             "with optimizer=... (or call attach_optimizer) so it can capture it before the step")
         old_masks = {name: layer.mask.clone() for name, layer in self.layers.items()}
-        budgets: dict[str, list[int]] = {}
-        masks: dict[str, torch.Tensor] = {}
-        for name, layer in self.layers.items():
-            info = self.topology.layers[name]
-            cols = layer.mask.shape[1]
-            budgets[name] = allocate_links(count_links(density, layer.mask.numel()),
-                                           [len(block.rows) * cols for block in info.blocks])
-            weight = layer.full_logical_weight().detach()
-            mask = layer.mask.clone()
-            for block, budget in zip(info.blocks, budgets[name]):
-                block_mask, block_weight = mask[block.rows], weight[block.rows]
-                if int(block_mask.sum()) > budget:  # density decay: the only step that changes density
-                    block_mask = prune_to_count(block_weight, block_mask, budget, config.prune_alpha)
-                live = int(block_mask.sum())
-                n_remove = int(math.floor(zeta * live))
-                if n_remove > 0:
-                    block_mask = soft_removal(block_weight, block_mask, live - n_remove, config.removal_alpha,
-                                              temperature, generator=self.generator)
-                mask[block.rows] = block_mask
-            masks[name] = mask
-        if config.percolation and (self.topology.attention or self.topology.mlp):
-            result = percolate(masks, self.topology, rope_aware=config.rope_aware)
-            masks.update(result.masks)
-        grown_masks: dict[str, torch.Tensor] = {}
-        if config.regrowth != "none":
-            budget_bytes = config.ch_memory_budget_mb * 2**20
-            for name, layer in self.layers.items():
-                info = self.topology.layers[name]
-                mask = masks[name]
-                grown = torch.zeros_like(mask)
-                dense_grad = self._dense_grads.get(name)
-                for block, budget in zip(info.blocks, budgets[name]):
-                    block_mask = mask[block.rows]
-                    n_grow = budget - int(block_mask.sum())
-                    if n_grow <= 0:
-                        continue
-                    new_block, grown_index = regrow(
-                        block_mask, n_grow, config.regrowth, generator=self.generator,
-                        selection=config.regrowth_selection, temperature=config.regrowth_temperature,
-                        weight_grad=None if dense_grad is None else dense_grad[block.rows],
-                        ch_memory_budget_bytes=budget_bytes,
-                    )
-                    block_grown = torch.zeros(block_mask.numel(), dtype=torch.bool)
-                    block_grown[grown_index] = True
-                    mask[block.rows] = new_block
-                    grown[block.rows] = block_grown.view_as(block_mask)
-                grown_masks[name] = grown
+        budgets = {name: self._block_budgets(name, density) for name in self.layers}
+        masks = {name: self._prune_and_remove(name, budgets[name], zeta, temperature) for name in self.layers}
+        if self.config.percolation and (self.topology.attention or self.topology.mlp):
+            masks.update(percolate(masks, self.topology, rope_aware=self.config.rope_aware).masks)
+        grown = {name: self._regrow(name, masks[name], budgets[name]) for name in self.layers}
+
         removed_total = regrown_total = overlap_total = 0
-        layer_density = {}
         for name, layer in self.layers.items():
-            new_mask = masks[name]
-            grown = grown_masks.get(name, torch.zeros_like(new_mask))
-            removed = old_masks[name] & ~(new_mask & ~grown)  # links cut during this update (incl. re-grown ones)
+            removed = old_masks[name] & ~(masks[name] & ~grown[name])  # cut during this update, incl. re-grown
             removed_total += int(removed.sum())
-            regrown_total += int(grown.sum())
-            overlap_total += int((removed & grown).sum())
-            self._apply_layer_update(layer, new_mask, grown)
-            layer_density[name] = float(new_mask.sum()) / new_mask.numel()
-        active, total = active_neurons({n: l.mask for n, l in self.layers.items()}, self.topology)
-        live = sum(int(layer.mask.sum()) for layer in self.layers.values())
-        numel = sum(layer.mask.numel() for layer in self.layers.values())
+            regrown_total += int(grown[name].sum())
+            overlap_total += int((removed & grown[name]).sum())
+            self._apply_layer_update(layer, masks[name], grown[name])
+        active, total = active_neurons(masks, self.topology)
         stats = UpdateStats(
-            step=step, target_density=density, density=live / numel,
+            step=step, target_density=density, density=self.density(),
             anp=sum(active.values()) / max(sum(total.values()), 1),
             removed=removed_total, regrown=regrown_total,
             overlap=overlap_total / regrown_total if regrown_total else 0.0,
             removal_fraction=zeta, temperature=temperature, seconds=time.perf_counter() - started,
-            layer_density=layer_density,
+            layer_density={name: float(mask.sum()) / mask.numel() for name, mask in masks.items()},
         )
         self.history.append(stats)
         logger.debug("hf_chts update at step %d: %s", step, stats)
         return stats
+
+    def _block_budgets(self, name: str, density: float) -> list[int]:
+        """Links each row block of a layer holds at ``density`` (exact layer total, §2)."""
+        mask = self.layers[name].mask
+        blocks = self.topology.layers[name].blocks
+        return allocate_links(count_links(density, mask.numel()), [len(b.rows) * mask.shape[1] for b in blocks])
+
+    def _prune_and_remove(self, name: str, budgets: list[int], zeta: float, temperature: float) -> torch.Tensor:
+        """Prune each block to its budget by importance top-k, then remove ζ·live links (§3, §6)."""
+        layer = self.layers[name]
+        weight = layer.full_logical_weight().detach()
+        mask = layer.mask.clone()
+        for block, budget in zip(self.topology.layers[name].blocks, budgets):
+            block_mask, block_weight = mask[block.rows], weight[block.rows]
+            if int(block_mask.sum()) > budget:  # density decay: the only step that changes density
+                block_mask = prune_to_count(block_weight, block_mask, budget, self.config.prune_alpha)
+            live = int(block_mask.sum())
+            n_remove = int(math.floor(zeta * live))
+            if n_remove > 0:
+                block_mask = soft_removal(block_weight, block_mask, live - n_remove, self.config.removal_alpha,
+                                          temperature, generator=self.generator)
+            mask[block.rows] = block_mask
+        return mask
+
+    def _regrow(self, name: str, mask: torch.Tensor, budgets: list[int]) -> torch.Tensor:
+        """Refill each block of ``mask`` (in place) to its budget (§5); returns the grown links."""
+        grown = torch.zeros_like(mask)
+        if self.config.regrowth == "none":
+            return grown
+        dense_grad = self._dense_grads.get(name)
+        for block, budget in zip(self.topology.layers[name].blocks, budgets):
+            block_mask = mask[block.rows]
+            n_grow = budget - int(block_mask.sum())
+            if n_grow <= 0:
+                continue
+            new_block, grown_index = regrow(
+                block_mask, n_grow, self.config.regrowth, generator=self.generator,
+                selection=self.config.regrowth_selection, temperature=self.config.regrowth_temperature,
+                weight_grad=None if dense_grad is None else dense_grad[block.rows],
+                ch_memory_budget_bytes=self.config.ch_memory_budget_mb * 2**20,
+            )
+            block_grown = torch.zeros(block_mask.numel(), dtype=torch.bool, device=mask.device)
+            block_grown[grown_index] = True
+            mask[block.rows] = new_block
+            grown[block.rows] = block_grown.view_as(block_mask)
+        return grown
 
     def _apply_layer_update(self, layer: SparseLayerMixin, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
         """Write the mask, zero regrown weights, and zero the moments of cut and regrown links (§1)."""
