@@ -262,8 +262,12 @@ def _build_section(cls, values: dict, section: str, where: str):
     return cls(**kwargs)
 
 
-def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
-    """Validate a recipe mapping (unknown keys -> ValueError with a did-you-mean hint)."""
+def recipe_from_dict(raw: dict, where: str = "recipe", *, check: bool = True) -> Recipe:
+    """Validate a recipe mapping (unknown keys -> ValueError with a did-you-mean hint).
+
+    ``check=False`` validates keys and types only (not the cross-field rules), e.g. for a
+    file whose missing pieces come from command-line overrides.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -289,7 +293,8 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
                 raise _unknown_key(key, section, allowed, where)
         kwargs[section] = dict(values)
     recipe = Recipe(**kwargs)
-    _check_recipe(recipe, where)
+    if check:
+        _check_recipe(recipe, where)
     return recipe
 
 
@@ -418,7 +423,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | list[tuple[str, 
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML ({error})") from error
-    recipe_from_dict(raw, where=str(path))  # report the file's own problems first
+    recipe_from_dict(raw, where=str(path), check=not overrides)  # the file's own unknown keys / types first
     if overrides and isinstance(overrides[0], str):
         overrides = parse_overrides(overrides)
     raw = apply_overrides(raw, overrides or [])

@@ -237,6 +237,16 @@ def test_overrides_are_parsed_with_yaml_and_applied(tmp_path):
     assert recipe.eval.tasks == ["a", "b"] and recipe.eval.local_task_from_heldout is True
 
 
+def test_overrides_can_complete_a_recipe(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    raw = small_recipe(tmp_path)
+    del raw["training"]["max_steps"]
+    path = write_yaml(tmp_path / "r.yaml", raw)
+    with pytest.raises(ValueError, match="training.max_steps must be set"):
+        R.load_recipe(path)
+    assert R.load_recipe(path, ["--training.max_steps", "5"]).training["max_steps"] == 5
+
+
 # --------------------------------------------------------------------------- bad inputs
 def _assert_nothing_trained(out: Path):
     if not out.exists():
@@ -442,7 +452,9 @@ def test_60m_recipe_shrunk_on_two_processes(tmp_path):
         "--main_process_port", str(free_port()),
         str(ROOT / "recipes" / "pretrain.py"), "--config", str(ROOT / "recipes" / "llama-60m-chtss.yaml"),
         "--run.output_dir", str(out), "--run.global_batch_size", "8",
-        "--data.dataset", "null", "--data.streaming", "false", "--data.text_files", f"[{tmp_path / 'corpus' / '*.txt'}]",
+        # the recipe's streaming pipeline, pointed at local text files instead of OpenWebText
+        "--data.dataset", "null", "--data.text_files", f"[{tmp_path / 'corpus' / '*.txt'}]",
+        "--data.validation_documents", "30",
         "--data.block_size", "32", "--data.max_validation_samples", "16",
         "--tokenizer.name", "null", "--tokenizer.train_bpe", "{vocab_size: 300}",
         "--tokenizer.cache_dir", str(tmp_path / "tok"),
@@ -451,7 +463,7 @@ def test_60m_recipe_shrunk_on_two_processes(tmp_path):
         "--sparsify.update_interval", "2",
         "--training.max_steps", "8", "--training.per_device_train_batch_size", "2", "--training.warmup_steps", "1",
         "--training.eval_steps", "4", "--training.save_steps", "100", "--training.logging_steps", "2",
-        "--training.bf16", "false",
+        "--training.bf16", "false", "--run.torch_threads", "1",
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -459,7 +471,9 @@ def test_60m_recipe_shrunk_on_two_processes(tmp_path):
     assert summary["world_size"] == 2
     assert sorted(r["rank"] for r in summary["ranks"]) == [0, 1]
     assert len({r["pid"] for r in summary["ranks"]}) == 2
-    assert summary["steps"] == 8
+    assert summary["steps"] == 8 and summary["recipe"]["data"]["streaming"] is True
+    assert summary["recipe"]["training"]["max_steps"] == 8
+    assert (out / R.FINAL_DIR / "sparsity.safetensors").exists()
     assert summary["final_density"] == pytest.approx(0.3, abs=1e-3)
     assert summary["reload_check"]["match"] is True
     recipe = summary["recipe"]
