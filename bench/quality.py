@@ -91,6 +91,7 @@ def build_model(args, vocab: int, seed: int):
         vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.seq,
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        initializer_range=args.initializer_range,
     )
     model = transformers.LlamaForCausalLM(config)
     return model
@@ -167,7 +168,8 @@ def run_one(args, data, method: str, density: float, seed: int, progress: bool =
         x = train[index]
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -178,7 +180,7 @@ def run_one(args, data, method: str, density: float, seed: int, progress: bool =
             bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
     train_seconds = time.perf_counter() - started
     val_loss = evaluate(model, data["val"], args.batch)
-    row = dict(method=method, density=1.0 if dense else density, seed=seed, val_loss=val_loss,
+    row = dict(method=method, density=1.0 if dense else density, seed=seed, lr=lr, val_loss=val_loss,
                val_ppl=math.exp(val_loss), train_loss=sum(losses[-20:]) / min(20, len(losses)),
                train_seconds=train_seconds, steps=args.steps)
     if dense:
@@ -211,6 +213,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr-sparse", type=float, default=3e-3)
     parser.add_argument("--lr-dense", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--initializer-range", type=float, default=0.02, help="LlamaConfig.initializer_range")
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 disables)")
     parser.add_argument("--warmup-fraction", type=float, default=0.1)
     parser.add_argument("--val-blocks", type=int, default=64, help="cap on validation blocks (0 = all; default 64 = 8192 tokens)")
     parser.add_argument("--cht-regrowth", default="ch3_l3", choices=["ch3_l3", "ch3_l3n"],
@@ -221,6 +225,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--fresh", action="store_true", help="ignore runs already in <out>/quality_runs.jsonl")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 methods, 1 density, very few steps")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: summarise the runs already in <out>/quality_runs.jsonl (and --merge)")
+    parser.add_argument("--merge", nargs="*", type=Path, default=[],
+                        help="other result directories whose quality_runs.jsonl rows join the summary")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
@@ -242,23 +250,39 @@ def parse_args(argv=None):
 def run_key(args, method, density, seed) -> str:
     shape = f"h{args.hidden}f{args.ffn}l{args.layers}a{args.heads}s{args.seq}b{args.batch}v{args.vocab}"
     extra = f"T{args.steps}d{update_interval(args)}z{args.zeta}lr{args.lr_sparse}/{args.lr_dense}wd{args.weight_decay}"
+    if args.clip != 1.0:
+        extra += f"clip{args.clip}"
+    if args.initializer_range != 0.02:
+        extra += f"init{args.initializer_range}"
     regrowth = args.cht_regrowth if method == "cht" else ""
     return f"{shape}|{extra}|{method}{regrowth}|{1.0 if method == 'dense' else density}|{seed}"
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def _row_from_record(record: dict) -> dict:
+    row = dict(record["row"])
+    if "lr" not in row:  # older records: the learning rates are in the key ("lr<sparse>/<dense>")
+        part = next(p for p in record["key"].split("|") if "lr" in p)
+        sparse_lr, dense_lr = part.split("lr", 1)[1].split("wd")[0].split("/")
+        row["lr"] = float(dense_lr if row["method"] == "dense" else sparse_lr)
+    return row
+
+
+def summarize(rows: list[dict], reference_dense_lr: float = 1e-3) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["density"], row.get("regrowth", "-")), []).append(row)
+        groups.setdefault((row["method"], row["density"], row.get("regrowth", "-"), row.get("lr")), []).append(row)
     dense_ppl = None
-    if any(key[0] == "dense" for key in groups):
-        dense_ppl = common.mean_std([r["val_ppl"] for k, g in groups.items() if k[0] == "dense" for r in g])[0]
+    dense_keys = [k for k in groups if k[0] == "dense"]
+    if dense_keys:
+        reference = [k for k in dense_keys if k[3] is not None and math.isclose(k[3], reference_dense_lr)] or dense_keys
+        dense_ppl = common.mean_std([r["val_ppl"] for k in reference[:1] for r in groups[k]])[0]
     summary = []
     order = {m: i for i, m in enumerate(ALL_METHODS)}
-    for (method, density, regrowth), group in sorted(groups.items(), key=lambda kv: (-kv[0][1], order[kv[0][0]])):
+    for (method, density, regrowth, lr), group in sorted(groups.items(),
+                                                         key=lambda kv: (-kv[0][1], order[kv[0][0]], kv[0][3] or 0)):
         ppl_mean, ppl_std = common.mean_std([r["val_ppl"] for r in group])
         summary.append(dict(
-            method=method, density=density, regrowth=regrowth, seeds=len(group), ppl_mean=ppl_mean, ppl_std=ppl_std,
+            method=method, density=density, regrowth=regrowth, lr=lr, seeds=len(group), ppl_mean=ppl_mean, ppl_std=ppl_std,
             ratio_to_dense=ppl_mean / dense_ppl if dense_ppl else float("nan"),
             anp=common.mean_std([r["anp"] for r in group])[0],
             final_density=common.mean_std([r["final_density"] for r in group])[0],
@@ -273,7 +297,8 @@ def format_summary(summary: list[dict], title: str) -> str:
     rows = []
     for s in summary:
         rows.append(dict(
-            method=s["method"] + (" (ch3_l3n)" if s["method"] == "cht" and s["regrowth"] == "ch3_l3n" else ""),
+            method=s["method"] + (" (ch3_l3n)" if s["method"] == "cht" and s["regrowth"] == "ch3_l3n" else "")
+            + (f" lr {s['lr']:g}" if s["method"] == "dense" and s.get("lr") else ""),
             density=f"{s['density']:.2f}", seeds=str(s["seeds"]),
             ppl=f"{s['ppl_mean']:.3f} ± {s['ppl_std']:.3f}", ratio=f"{s['ratio_to_dense']:.3f}",
             anp=f"{s['anp']:.4f}", final_density=f"{s['final_density']:.4f}", updates=str(s["updates"]),
@@ -300,6 +325,7 @@ def main(argv=None) -> dict:
         for line in runs_path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
+                record["row"] = _row_from_record(record)
                 done[record["key"]] = record
     data = build_data(args, cache_dir)
     delta = update_interval(args)
@@ -321,6 +347,16 @@ def main(argv=None) -> dict:
     rows = []
     from tqdm import tqdm
 
+    if args.report_only:
+        plan = []
+        rows = [record["row"] for record in done.values()]
+    for directory in args.merge:
+        path = directory / runs_path.name if directory.is_dir() else directory
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record["key"] not in done:
+                    rows.append(_row_from_record(record))
     for method, density, seed in tqdm(plan, desc="quality grid", disable=args.no_progress):
         key = run_key(args, method, density, seed)
         if key in done:
@@ -333,8 +369,8 @@ def main(argv=None) -> dict:
         print(f"  {method:<6} density {row['density']:.2f} seed {seed}: val ppl {row['val_ppl']:.3f}  "
               f"ANP {row['anp']:.3f}  density {row['final_density']:.4f}  {row['train_seconds']:.1f} s "
               f"({row['update_seconds']:.2f} s in {row['updates']} updates)", flush=True)
-    summary = summarize(rows)
-    text = format_summary(summary, "Validation perplexity (lower is better); ratio = ppl / dense ppl")
+    summary = summarize(rows, args.lr_dense)
+    text = format_summary(summary, f"Validation perplexity (lower is better); ratio = ppl / ppl of dense at lr {args.lr_dense:g}")
     print()
     print(text)
     stem = "quality_quick" if args.quick else "quality"

@@ -42,6 +42,7 @@ SHAPES = {
     "tiny": dict(hidden=128, ffn=344, layers=4, heads=4, seq=128, batch=8),
     "llama-60m (2 of 8 blocks)": dict(hidden=512, ffn=1376, layers=2, heads=8, seq=256, batch=2),
     "llama-130m (2 of 12 blocks)": dict(hidden=768, ffn=2048, layers=2, heads=12, seq=256, batch=2),
+    "llama-130m (2 of 12 blocks) b8": dict(hidden=768, ffn=2048, layers=2, heads=12, seq=256, batch=8),
 }
 QUICK_SHAPES = {"tiny-quick": dict(hidden=32, ffn=64, layers=2, heads=2, seq=32, batch=2)}
 LLAMA_130M = dict(hidden=768, ffn=2048, layers=12, heads=12)
@@ -238,7 +239,7 @@ def part_overhead(args, step_rows: list[dict]) -> dict:
         stats = engine.step()  # update_interval=1: a full topology update every step
         update_times.append(stats.seconds)
     engine.close()
-    step_row = next((r for r in step_rows if r["shape"].startswith("llama-130m")), None)
+    step_row = next((r for r in step_rows if r["shape"] == "llama-130m (2 of 12 blocks)"), None)
     step_s = step_row["sparse_ms"] / 1e3 if step_row else statistics.median(step_times)
     update_s = statistics.median(update_times)
     scale = full_layers / shape["layers"]
@@ -259,13 +260,26 @@ def part_overhead(args, step_rows: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- memory
 MEMPROBE = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads(1)
 mode, hidden, ffn, layers, heads, seq, batch, density = {params!r}
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+def reset_peak():  # Linux: reset VmHWM to the current RSS (ru_maxrss would keep the parent's peak across exec)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+def rss_mb():  # peak resident set size since the last reset_peak()
+    return _status("VmHWM")
+def cur_mb():
+    return _status("VmRSS")
 out = {{}}
 if mode in ("dense", "sparse"):
     import transformers
@@ -287,7 +301,8 @@ if mode in ("dense", "sparse"):
         if engine is not None: engine.step()
     out["peak_rss_training_mb"] = rss_mb()
     if engine is not None:
-        before = rss_mb()
+        reset_peak()
+        before = cur_mb()
         engine.update_topology()
         out["peak_rss_after_update_mb"] = rss_mb()
         out["update_extra_peak_mb"] = rss_mb() - before
@@ -295,8 +310,8 @@ else:  # one CH2-L3n score computation on an rows x cols mask
     from hf_chts.topology.ch_scores import ch_l3n_scores
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(hidden, ffn, generator=g) < density
-    time.sleep(0.05)
-    before = rss_mb()
+    reset_peak()
+    before = cur_mb()
     ch_l3n_scores(mask, "ch2", None if mode == "scores" else int(mode.split(":")[1]))
     out["scores_extra_peak_mb"] = rss_mb() - before
     out["baseline_mb"] = before
@@ -332,6 +347,8 @@ def part_memory(args) -> dict:
     masks = [layer.mask for layer in engine.layers.values()]
     mask_bytes = sum(m.numel() * m.element_size() for m in masks)
     n_weights = sum(m.numel() for m in masks)
+    n_params = sum(p.numel() for p in model.parameters())
+    state_bytes = 16 * n_params  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
     engine.close()
     del model, optimizer, engine
     params = (shape["hidden"], shape["ffn"], shape["layers"], shape["heads"], shape["seq"], shape["batch"], args.density)
@@ -345,6 +362,8 @@ def part_memory(args) -> dict:
     return dict(
         shape=("tiny-quick" if args.quick else "llama-60m (2 of 8 blocks)"),
         mask_bytes=mask_bytes, sparsified_weights=n_weights, mask_bytes_per_weight=mask_bytes / n_weights,
+        training_state_bytes_dense=state_bytes, training_state_bytes_sparse=state_bytes + mask_bytes,
+        training_state_ratio=(state_bytes + mask_bytes) / state_bytes,
         dense_peak_rss_mb=dense["peak_rss_training_mb"], sparse_peak_rss_mb=sparse["peak_rss_training_mb"],
         sparse_over_dense_rss=sparse["peak_rss_training_mb"] / dense["peak_rss_training_mb"],
         update_extra_peak_mb=sparse.get("update_extra_peak_mb"),
@@ -352,8 +371,8 @@ def part_memory(args) -> dict:
         scores_extra_peak_mb=unchunked["scores_extra_peak_mb"],
         scores_estimate_mb=ch_temporaries_mb(rows, cols),
         chunked_budget_mb=budget / 2**20, chunked_extra_peak_mb=chunked["scores_extra_peak_mb"],
-        note="peak RSS via resource.getrusage (ru_maxrss) in fresh subprocesses; the extra peak of the score "
-             "computation is the rise of ru_maxrss across one call (a lower bound when freed memory is reused).",
+        note="peak RSS = VmHWM of /proc/self/status in fresh subprocesses (reset with clear_refs before the measured "
+             "call); extra peak = peak during the call minus RSS before it (a lower bound when freed memory is reused).",
     )
 
 
@@ -493,6 +512,8 @@ def main(argv=None) -> dict:
             f"Memory ({m['shape']}, density {args.density}):\n"
             f"  masks: {m['mask_bytes']:,} bytes for {m['sparsified_weights']:,} sparsified weights = "
             f"{m['mask_bytes_per_weight']:.3f} byte/weight\n"
+            f"  training state (weights+grads+AdamW moments, fp32): dense {m['training_state_bytes_dense'] / 2**20:.1f} MB, "
+            f"with masks {m['training_state_bytes_sparse'] / 2**20:.1f} MB ({m['training_state_ratio']:.3f}x)\n"
             f"  peak RSS of 3 training steps: dense {m['dense_peak_rss_mb']:.0f} MB, sparse {m['sparse_peak_rss_mb']:.0f} MB "
             f"({m['sparse_over_dense_rss']:.3f}x); extra peak of one engine update: {m['update_extra_peak_mb']:.1f} MB\n"
             f"  one CH2-L3n score computation on {m['scores_layer']}: extra peak {m['scores_extra_peak_mb']:.0f} MB "
