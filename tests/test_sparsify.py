@@ -128,7 +128,7 @@ class MysteryModel(nn.Module):
 
 def test_unknown_architecture_falls_back_with_one_warning(caplog):
     model = MysteryModel()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="hf_chts.model"):
         sparsify(model, SparsifyConfig(method="chts", target_density=0.5))
     warnings = [r for r in caplog.records if "not in the architecture registry" in r.getMessage()]
     assert len(warnings) == 1
