@@ -193,7 +193,20 @@ class SparseTrainingEngine:
                 if grad is not None:
                     self._dense_grads[name] = grad.detach().abs().float().clone()
         for layer in self.layers.values():
-            layer.mask_grad_()
+            if self._grads_may_be_unmasked(layer):
+                layer.mask_grad_()
+
+    @staticmethod
+    def _grads_may_be_unmasked(layer: SparseLayerMixin) -> bool:
+        """False when the layer's gradient hook already masked the gradient of this step.
+
+        Distributed runs always re-mask: DDP/FSDP write reduced gradients into
+        ``.grad`` after (or instead of) the per-parameter hook.
+        """
+        import torch.distributed as dist
+
+        hooked = layer.mask_gradients and getattr(layer.weight, "_hf_chts_layer", None) is layer
+        return not hooked or (dist.is_available() and dist.is_initialized())
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         for layer in self.layers.values():

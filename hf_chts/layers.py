@@ -106,13 +106,13 @@ class SparseLayerMixin:
     @torch.no_grad()
     def apply_mask_(self) -> None:
         """Zero the weight at masked positions (in place)."""
-        self.weight.mul_(self.storage_mask().to(self.weight.dtype))
+        self.weight.mul_(self.storage_mask())  # bool operand: no float copy of the mask
 
     @torch.no_grad()
     def mask_grad_(self) -> None:
         """Zero the gradient at masked positions (in place)."""
         if self.weight.grad is not None:
-            self.weight.grad.mul_(self.storage_mask().to(self.weight.grad.dtype))
+            self.weight.grad.mul_(self.storage_mask())
 
     @property
     def density(self) -> float:
