@@ -123,7 +123,7 @@ def evaluate(model, blocks, batch: int) -> float:
     losses = []
     with torch.no_grad():
         for start in range(0, len(blocks), batch):
-            x = blocks[start:start + batch]
+            x = blocks[start:start + batch].to(next(model.parameters()).device)
             losses.append(float(model(input_ids=x, labels=x).loss) * len(x))
     model.train()
     return sum(losses) / len(blocks)
@@ -136,7 +136,7 @@ def run_one(args, data, method: str, density: float, seed: int, progress: bool =
     from hf_chts import sparsify, sparsity_report
     from hf_chts.engine import SparseTrainingEngine
 
-    model = build_model(args, data["vocab"], seed)
+    model = build_model(args, data["vocab"], seed).to(args.device)
     model.train()
     dense = method == "dense"
     engine = None
@@ -165,7 +165,7 @@ def run_one(args, data, method: str, density: float, seed: int, progress: bool =
                mininterval=5)
     for _ in bar:
         index = torch.randint(0, len(train), (args.batch,), generator=generator)
-        x = train[index]
+        x = train[index].to(args.device)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         if args.clip > 0:
@@ -220,6 +220,7 @@ def parse_args(argv=None):
     parser.add_argument("--cht-regrowth", default="ch3_l3", choices=["ch3_l3", "ch3_l3n"],
                         help="CHT's regrowth: path-based ch3_l3 (paper) or node-based ch3_l3n (faster)")
     parser.add_argument("--text-files", nargs="*", default=[])
+    parser.add_argument("--device", default="cpu", help="torch device (e.g. cuda for --preset llama-60m; only CPU was tested here)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core CPU more threads made steps 4x slower; 0 = torch default)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
