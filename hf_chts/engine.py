@@ -44,6 +44,15 @@ logger = logging.getLogger(__name__)
 
 ENGINE_STATE_VERSION = 1
 
+#: Optimizers whose step leaves a weight at exactly 0 when its gradient and its state are 0 (plain and
+#: decoupled weight decay of 0 is 0; Adam's 0 / (sqrt(0) + eps) is 0). With masked gradients and the
+#: state of cut links zeroed, masked weights stay 0 without a per-step re-mask (ALGORITHMS.md §1);
+#: any other optimizer gets its weights multiplied by the masks after every step.
+ZERO_PRESERVING_OPTIMIZERS = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+    torch.optim.RAdam, torch.optim.Adagrad, torch.optim.RMSprop,
+)
+
 
 @dataclass
 class UpdateStats:
@@ -146,7 +155,8 @@ class SparseTrainingEngine:
             raise ValueError("the optimizer holds none of the sparse layers' weights; build it from this model")
         self.optimizer = optimizer
         self._hook_handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
-        self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        if not isinstance(optimizer, ZERO_PRESERVING_OPTIMIZERS):
+            self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         if self.config.skip_optimizer_step_on_update:
             self._wrap_optimizer_step(optimizer)
 

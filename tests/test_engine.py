@@ -269,3 +269,32 @@ def test_engine_sees_through_torch_compile_wrappers(make_tiny_model):
     compiled = torch.compile(model, backend="eager")
     engine = SparseTrainingEngine(compiled, total_steps=10)
     assert set(engine.layers) == set(find_state(model).topology.layers)
+
+
+class DriftingOptimizer(torch.optim.Optimizer):
+    """Adds a constant to every weight: not zero-preserving, so the engine must re-mask after each step."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.01})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.add_(group["lr"])
+
+
+def test_other_optimizers_get_weights_re_masked_after_each_step(make_tiny_model):
+    model = make_tiny_model("llama")
+    model.train()
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.3, update_interval=50))
+    optimizer = DriftingOptimizer(model.parameters())
+    engine = SparseTrainingEngine(model, total_steps=100, optimizer=optimizer)
+    _run(model, engine, optimizer, list(batches(9, 2)))
+    for layer in engine.layers.values():
+        assert torch.all(layer.weight[~layer.storage_mask()] == 0)
+        assert torch.all(layer.weight[layer.storage_mask()] != 0)
+    engine.close()  # without the engine's hooks the drift reaches masked weights: the check above can fail
+    _run(model, engine, optimizer, list(batches(10, 1)))
+    layer = next(iter(engine.layers.values()))
+    assert torch.any(layer.weight[~layer.storage_mask()] != 0)
