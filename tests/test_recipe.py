@@ -172,14 +172,14 @@ def test_local_text_pipeline_packs_splits_and_caches_bpe(tmp_path):
     again = R.load_corpus(recipe)  # deterministic split
     assert list(again.validation["text"]) == val_docs
 
-    before = R.BPE_TRAININGS
+    before = R.data.BPE_TRAININGS
     tokenizer = R.build_tokenizer(recipe, corpus)
-    assert R.BPE_TRAININGS == before + 1
+    assert R.data.BPE_TRAININGS == before + 1
     cached = list((tmp_path / "tokcache").glob("bpe-*/tokenizer.json"))
     assert len(cached) == 1
     mtime = cached[0].stat().st_mtime_ns
     tokenizer2 = R.build_tokenizer(recipe, corpus)
-    assert R.BPE_TRAININGS == before + 1, "the cached BPE was retrained"
+    assert R.data.BPE_TRAININGS == before + 1, "the cached BPE was retrained"
     assert cached[0].stat().st_mtime_ns == mtime
     assert tokenizer2.get_vocab() == tokenizer.get_vocab() and len(tokenizer) == 300
 

@@ -1,0 +1,133 @@
+"""Training recipes: a YAML file -> data, tokenizer, model, sparse Trainer run, summary.
+
+Used by ``hf-chts train <recipe.yaml>`` and by ``recipes/pretrain.py`` (which
+calls the same functions one by one, so both do the same thing). A recipe has
+seven sections, every field documented in ``recipes/README.md``::
+
+    run:       output_dir, seed, overwrite, resume, global_batch_size, ...
+    data:      builtin | text_files | dataset (+ dataset_config, streaming), block_size, split
+    tokenizer: name (Hub name / folder) | train_bpe: {vocab_size}
+    model:     preset (llama-tiny, llama-60m, llama-130m, llama-1b) + explicit overrides
+    sparsify:  SparsifyConfig fields (method, target_density, update_interval, ...)
+    training:  transformers.TrainingArguments fields (max_steps, learning_rate, ...)
+    eval:      perplexity, lm-eval tasks, local_task_from_heldout, limit
+
+Every input problem (missing file, unknown key, output folder holding another
+run) is raised as ``FileNotFoundError`` / ``ValueError`` / ``FileExistsError``
+before anything is trained or written.
+
+The pipeline is split by job: ``schema`` (recipe sections, validation, overrides,
+input/output paths), ``data`` (corpus, BPE tokenizer, packed blocks), ``presets``
+and ``models`` (architecture, parameter counts, the model), ``trainer``
+(TrainingArguments, Trainer), ``summary`` (end-of-run evaluation, summary, plot)
+and ``run`` (the whole run, ``hf-chts train``). Everything is re-exported here.
+``BPE_TRAININGS`` is a live counter: read it as ``hf_chts.recipe.data.BPE_TRAININGS``.
+"""
+
+from .data import (
+    BPE_CACHE_VERSION,
+    Corpus,
+    LMData,
+    PackedStream,
+    build_lm_datasets,
+    build_tokenizer,
+    builtin_documents,
+    collate_blocks,
+    load_corpus,
+    pack_blocks,
+    train_bpe_tokenizer,
+)
+from .models import build_model, configure_torch, model_config, parameter_count
+from .presets import MODEL_PRESETS, model_settings
+from .run import last_checkpoint, run_recipe, train_command
+from .schema import (
+    BUILTIN_CORPORA,
+    RECIPE_COPY,
+    SECTIONS,
+    SUMMARY_FILE,
+    BPESection,
+    DataSection,
+    EvalSection,
+    ModelSection,
+    Recipe,
+    RunSection,
+    TokenizerSection,
+    apply_overrides,
+    check_input_paths,
+    check_output_dir,
+    load_recipe,
+    parse_overrides,
+    prepare_output_dir,
+    recipe_from_dict,
+    resolve_text_files,
+    sparsify_config,
+)
+from .summary import (
+    FINAL_DIR,
+    PLOT_FILE,
+    eval_command_line,
+    finish_run,
+    loss_curves,
+    plot_training_curves,
+    print_summary,
+    run_lm_eval,
+    sparsity_history,
+    validation_loss,
+)
+from .trainer import build_trainer, make_callback, training_arguments
+
+__all__ = [
+    "apply_overrides",
+    "BPE_CACHE_VERSION",
+    "BPESection",
+    "build_lm_datasets",
+    "build_model",
+    "build_tokenizer",
+    "build_trainer",
+    "BUILTIN_CORPORA",
+    "builtin_documents",
+    "check_input_paths",
+    "check_output_dir",
+    "collate_blocks",
+    "configure_torch",
+    "Corpus",
+    "DataSection",
+    "eval_command_line",
+    "EvalSection",
+    "FINAL_DIR",
+    "finish_run",
+    "last_checkpoint",
+    "LMData",
+    "load_corpus",
+    "load_recipe",
+    "loss_curves",
+    "make_callback",
+    "model_config",
+    "MODEL_PRESETS",
+    "model_settings",
+    "ModelSection",
+    "pack_blocks",
+    "PackedStream",
+    "parameter_count",
+    "parse_overrides",
+    "PLOT_FILE",
+    "plot_training_curves",
+    "prepare_output_dir",
+    "print_summary",
+    "Recipe",
+    "RECIPE_COPY",
+    "recipe_from_dict",
+    "resolve_text_files",
+    "run_lm_eval",
+    "run_recipe",
+    "RunSection",
+    "SECTIONS",
+    "sparsify_config",
+    "sparsity_history",
+    "SUMMARY_FILE",
+    "TokenizerSection",
+    "train_bpe_tokenizer",
+    "train_command",
+    "training_arguments",
+    "validation_loss",
+]

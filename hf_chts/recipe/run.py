@@ -1,0 +1,62 @@
+"""The whole recipe pipeline for one run, and the ``hf-chts train`` command."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .data import build_lm_datasets, build_tokenizer, load_corpus
+from .models import build_model, configure_torch
+from .schema import Recipe, check_output_dir, load_recipe, prepare_output_dir, sparsify_config
+from .summary import finish_run
+from .trainer import build_trainer, make_callback, training_arguments
+
+
+def last_checkpoint(recipe: Recipe) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(recipe.output_dir)) if recipe.output_dir.is_dir() else None
+
+
+def run_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The whole pipeline for one (already validated) recipe; see recipes/pretrain.py for the same steps spelt out."""
+    from accelerate import PartialState
+
+    from ..model import sparsify
+
+    started = time.time()
+    threads = torch.get_num_threads()
+    configure_torch(recipe)
+    try:
+        state = PartialState()
+        mode = check_output_dir(recipe)  # every rank checks before anyone writes
+        with state.main_process_first():
+            corpus = load_corpus(recipe)
+            tokenizer = build_tokenizer(recipe, corpus)
+            data = build_lm_datasets(recipe, tokenizer, corpus)
+        model = build_model(recipe, tokenizer)
+        config = sparsify_config(recipe)
+        sparsify(model, config)
+        state.wait_for_everyone()  # inputs are fine on every rank: claim the output folder
+        if state.is_main_process:
+            prepare_output_dir(recipe, mode)
+        state.wait_for_everyone()
+        callback = make_callback(recipe, config)
+        args = training_arguments(recipe, world_size=state.num_processes)
+        trainer = build_trainer(recipe, model, tokenizer, data, callback, args=args)
+        resume = last_checkpoint(recipe) if mode == "resume" else None
+        output = trainer.train(resume_from_checkpoint=resume)
+        return finish_run(recipe, trainer, callback, tokenizer, data, started=started, train_output=output)
+    finally:
+        torch.set_num_threads(threads)  # run.torch_threads applies to this run only
+
+
+def train_command(args) -> int:
+    """``hf-chts train <recipe> [--overwrite] [--key value ...]``."""
+    recipe = load_recipe(args.recipe, list(getattr(args, "overrides", None) or []),
+                         overwrite=bool(getattr(args, "overwrite", False)))
+    check_output_dir(recipe)  # fail before loading anything heavy
+    run_recipe(recipe)
+    return 0
