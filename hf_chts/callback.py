@@ -129,13 +129,18 @@ class CHTssTrainerCallback(TrainerCallback):
             state.log_history.append({**logs, "step": state.global_step})
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        """Make sure ``checkpoint-N/`` holds the masks and the engine state (main process)."""
+        """Make sure ``checkpoint-N/`` holds the masks and the engine state (main process).
+
+        The model's ``save_pretrained`` hook normally wrote them already; saving
+        paths that bypass it (e.g. FSDP sharded state dicts) get them here.
+        """
         if self.engine is None or not state.is_world_process_zero:
             return
-        from .checkpoint import write_sparsity_files
+        from .checkpoint import CONFIG_FILE, SPARSITY_FILE, write_sparsity_files
 
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder):
+        written = all(os.path.exists(os.path.join(folder, name)) for name in (SPARSITY_FILE, CONFIG_FILE))
+        if os.path.isdir(folder) and not written:
             write_sparsity_files(model if model is not None else self.engine.model, folder)
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -125,3 +125,20 @@ def test_resume_without_engine_state_is_a_clear_error(make_tiny_model, tmp_path)
     with pytest.raises(ValueError, match="no hf_chts engine state"):
         again.train(resume_from_checkpoint=str(checkpoint))
     shutil.rmtree(tmp_path)
+
+
+def test_checkpoints_get_sparsity_files_even_when_save_pretrained_bypasses_the_hook(make_tiny_model, tmp_path):
+    import json
+
+    model = make_tiny_model("llama")
+    config = SparsifyConfig(method="chts", target_density=0.5, update_interval=2)
+    trainer, callback = make_trainer(model, tmp_path, config, max_steps=4, save_strategy="steps", save_steps=4)
+    from hf_chts.model import sparsify
+
+    sparsify(model, config)
+    del model.save_pretrained  # the instance hook installed by sparsify(): fall back to transformers' own
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-4"
+    assert (checkpoint / "sparsity.safetensors").exists()
+    record = json.loads((checkpoint / "sparsify_config.json").read_text())
+    assert record["engine"]["completed_steps"] == 4
