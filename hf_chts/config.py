@@ -78,6 +78,8 @@ class SparsifyConfig:
         init_r: receptive-field radius of ``brf`` in [0, 1].
         init_degree_mode: ``brf`` degree distribution, ``"uniform"`` or ``"fixed"``.
         bsf_equal_partition: ``bsf`` option (every node of the first side linked).
+        bsf_resort: ``bsf`` option: permute the hidden neurons of each MLP chain so that
+            in-degree and out-degree ranks agree (hubs feed hubs; paper §3.1.1).
         reinit_weights: re-initialise live weights for their sparse fan-in (paper option).
         removal: ``"soft"`` (sampled ∝ importance^T), ``"rigid"`` (top-k) or ``"none"``.
         removal_alpha: α of §3, blending relative importance (0) and magnitude (1).
@@ -120,6 +122,7 @@ class SparsifyConfig:
     init_r: float = 0.25
     init_degree_mode: str = "uniform"
     bsf_equal_partition: bool = False
+    bsf_resort: bool = False
     reinit_weights: bool = False
     removal: str | None = None
     removal_alpha: float | None = None
@@ -248,7 +251,7 @@ class SparsifyConfig:
             _fail("decay_end_fraction", self.decay_end_fraction,
                   f"the decay window must end no later than update_end_fraction ({self.update_end_fraction}) "
                   "so the final density is exactly the target")
-        for name in ("bsf_equal_partition", "reinit_weights", "percolation", "rope_aware", "parity",
+        for name in ("bsf_equal_partition", "bsf_resort", "reinit_weights", "percolation", "rope_aware", "parity",
                      "skip_optimizer_step_on_update"):
             boolean(name)
         if isinstance(self.lr_rewarmup_steps, bool) or not isinstance(self.lr_rewarmup_steps, int) or self.lr_rewarmup_steps < 0:

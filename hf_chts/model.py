@@ -188,7 +188,21 @@ def initial_masks(
             )
             mask[block.rows] = block_mask
         masks[name] = mask
+    if config.init == "bsf" and config.bsf_resort and density < 1.0:
+        _resort_mlp_chains(masks, topology)
     return masks
+
+
+def _resort_mlp_chains(masks: dict[str, torch.Tensor], topology: ModelTopology) -> None:
+    """Apply BSF neuron resorting to every MLP chain (gate/up or fc_in rows -> down/fc_out columns)."""
+    from .topology.init import resort_by_degree
+
+    for chain in topology.mlp:
+        if not all(ref.layer in masks for ref in [*chain.inputs, chain.output]):
+            continue
+        in_degree = sum(masks[ref.layer][ref.index].sum(1) for ref in chain.inputs)
+        consumer = masks[chain.output.layer]
+        consumer[:, chain.output.index] = resort_by_degree(in_degree, consumer[:, chain.output.index])
 
 
 def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibration_batch=None,

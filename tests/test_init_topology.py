@@ -499,3 +499,24 @@ def test_llama_1b_ffn_shape_is_fast():
         elapsed = time.perf_counter() - start
         assert int(mask.sum()) == expected
         assert elapsed < 8.0, (method, elapsed)  # ~0.5-1.5 s on 2 idle cores; generous for loaded CI
+
+
+def test_bsf_resort_aligns_hidden_degrees_and_keeps_links():
+    from hf_chts.topology.init import bsf_mask, resort_by_degree
+
+    generator = torch.Generator().manual_seed(0)
+    producer = bsf_mask(40, 16, 200, generator)       # F=40 hidden rows, reading 16 inputs
+    consumer = bsf_mask(16, 40, 200, generator)       # 16 outputs reading the F=40 hidden neurons
+    in_degree = producer.sum(1)
+    resorted = resort_by_degree(in_degree, consumer)
+    out_degree = resorted.sum(0)
+    assert int(resorted.sum()) == int(consumer.sum())
+    assert sorted(out_degree.tolist()) == sorted(consumer.sum(0).tolist())
+    for j in range(40):  # slow, obvious check: a larger in-degree never gets a smaller out-degree
+        for k in range(40):
+            if in_degree[j] > in_degree[k]:
+                assert out_degree[j] >= out_degree[k]
+    before_violations = sum(
+        1 for j in range(40) for k in range(40)
+        if in_degree[j] > in_degree[k] and consumer.sum(0)[j] < consumer.sum(0)[k])
+    assert before_violations > 0  # the raw BSF pair was not aligned, so the check above is meaningful

@@ -233,3 +233,16 @@ def test_sparse_weight_reinit_scales_for_the_live_fan_in(make_tiny_model):
     assert torch.all(layer.logical_weight()[~layer.mask] == 0)
     # std grows by sqrt(in / fan-in) = sqrt(1 / density) = 2
     assert float(live.std()) == pytest.approx(2 * dense_std, rel=0.15)
+
+
+def test_bsf_resort_in_sparsify_aligns_mlp_hubs(make_tiny_model):
+    model = make_tiny_model("llama")
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.3, init="bsf", bsf_resort=True))
+    layers = sparse_layers(model)
+    for block in range(2):
+        prefix = f"model.layers.{block}.mlp."
+        in_degree = layers[prefix + "gate_proj"].mask.sum(1) + layers[prefix + "up_proj"].mask.sum(1)
+        out_degree = layers[prefix + "down_proj"].mask.sum(0)
+        order = torch.argsort(in_degree, descending=True, stable=True)
+        assert torch.all(out_degree[order][:-1] >= out_degree[order][1:])
+        assert abs(int(layers[prefix + "down_proj"].mask.sum()) - round(0.3 * 64 * 96)) <= 1

@@ -541,6 +541,29 @@ def _abs_pearson_without_diagonal(samples: Tensor) -> Tensor:
     return correlation
 
 
+# ----------------------------------------------------------------- resort
+def resort_by_degree(in_degree: Tensor, consumer_mask: Tensor) -> Tensor:
+    """BSF "resorting of middle-layer neurons" (paper §3.1.1): permute the consumer's columns.
+
+    ``in_degree[j]`` is the number of links hidden neuron ``j`` receives (its row
+    degree in the producing layer(s)); ``consumer_mask`` is the ``O x F`` mask of
+    the layer reading those neurons. The columns are permuted so that the neuron
+    with the k-th largest in-degree gets the k-th largest out-degree (hubs meet
+    hubs, which increases the credit-assignment paths). Link count and the
+    multiset of column degrees are unchanged. Ties keep their original order.
+    """
+    if consumer_mask.dim() != 2 or consumer_mask.shape[1] != in_degree.numel():
+        raise ValueError(
+            f"consumer_mask must be O x F with F = len(in_degree) = {in_degree.numel()}, got {tuple(consumer_mask.shape)}"
+        )
+    out_degree = consumer_mask.sum(0)
+    by_in = torch.sort(in_degree.to(torch.float64), descending=True, stable=True).indices
+    by_out = torch.sort(out_degree.to(torch.float64), descending=True, stable=True).indices
+    resorted = torch.empty_like(consumer_mask)
+    resorted[:, by_in] = consumer_mask[:, by_out]
+    return resorted
+
+
 # ----------------------------------------------------------------- weights
 @torch.no_grad()
 def reinit_sparse_weight_(
