@@ -142,3 +142,13 @@ def test_checkpoints_get_sparsity_files_even_when_save_pretrained_bypasses_the_h
     assert (checkpoint / "sparsity.safetensors").exists()
     record = json.loads((checkpoint / "sparsify_config.json").read_text())
     assert record["engine"]["completed_steps"] == 4
+
+
+def test_lr_rewarmup_multiplies_the_trainers_scheduler(make_tiny_model, tmp_path):
+    model = make_tiny_model("llama")
+    config = SparsifyConfig(method="chts", target_density=0.5, update_interval=4, lr_rewarmup_steps=2)
+    trainer, _ = make_trainer(model, tmp_path, config, max_steps=12, learning_rate=1e-2)
+    trainer.train()
+    lrs = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
+    # Trainer logs the LR used by step t; the updates after steps 4 and 8 halve the LR of steps 5 and 9
+    assert [lrs[s] for s in range(1, 13)] == pytest.approx([1e-2] * 4 + [5e-3] + [1e-2] * 3 + [5e-3] + [1e-2] * 3)
