@@ -381,18 +381,24 @@ class SparseTrainingEngine:
             raise RuntimeError(f"hf_chts: masks differ across ranks at step {self.completed_steps}: checksums {gathered}")
 
     # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        """Step counter, RNG state, schedule size, history (masks are saved by the checkpoint code)."""
-        return {
+    def state_dict(self, include_masks: bool = True) -> dict:
+        """Step counter, RNG state, schedule size, history and (by default) a copy of the masks.
+
+        ``include_masks=False`` skips the mask copies (the checkpoint code stores
+        the masks in ``sparsity.safetensors`` itself).
+        """
+        state = {
             "version": ENGINE_STATE_VERSION,
             "completed_steps": self.completed_steps,
             "total_steps": self.schedule.total_steps,
             "generator_state": self.generator.get_state(),
             "config": self.config.to_dict(),
             "layers": {name: list(layer.mask.shape) for name, layer in self.layers.items()},
-            "masks": {name: layer.mask.clone().cpu() for name, layer in self.layers.items()},
             "history": [asdict(stats) for stats in self.history],
         }
+        if include_masks:
+            state["masks"] = {name: layer.mask.clone().cpu() for name, layer in self.layers.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore exactly (masks, step, RNG); validates that the state belongs to this model."""
