@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -332,6 +333,45 @@ def test_bad_values_are_refused_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override,value,field", [
+    ("--model.num_attention_heads", "0", "model.num_attention_heads"),  # was ZeroDivisionError (modulo first)
+    ("--model.num_key_value_heads", "0", "model.num_key_value_heads"),  # was ZeroDivisionError (not checked)
+    ("--model.num_hidden_layers", "-1", "model.num_hidden_layers"),
+    ("--training.max_steps", "null", "training.max_steps"),  # was int(None) TypeError
+    ("--training.max_steps", "abc", "training.max_steps"),  # was int('abc') ValueError without the field
+    ("--training.max_steps", "0", "training.max_steps"),
+    ("--training.max_steps", "true", "training.max_steps"),  # a bool is not a step count
+    ("--training.max_steps", "2.5", "training.max_steps"),
+    ("--training.per_device_train_batch_size", '"8"', "training.per_device_train_batch_size"),  # reached the DataLoader
+    ("--training.per_device_train_batch_size", "0", "training.per_device_train_batch_size"),
+    ("--training.lr_scheduler_type", "cosine_typo", "training.lr_scheduler_type"),  # TrainingArguments' own check
+    ("--training.warmup_steps", "-5", "training.warmup_steps"),
+])
+def test_bad_model_and_training_values_name_the_field(tmp_path, capsys, override, value, field):
+    write_corpus(tmp_path / "corpus")
+    path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path))
+    with pytest.raises(ValueError, match=re.escape(field)):
+        R.load_recipe(path, [override, value])
+    assert cli_main(["train", str(path), override, value]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_section_check_has_no_side_effects(tmp_path):
+    """Validating through TrainingArguments must not set up accelerate's PartialState (or a process group)."""
+    from accelerate.state import PartialState
+
+    write_corpus(tmp_path / "corpus")
+    path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path, training={"torch_compile": False, "bf16": "auto"}))
+    PartialState._reset_state()
+    environ = dict(os.environ)
+    R.load_recipe(path)
+    assert PartialState._shared_state == {}
+    assert dict(os.environ) == environ
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_text_file_or_dataset_path(tmp_path, capsys):
     write_corpus(tmp_path / "corpus")
     path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path))
@@ -395,6 +435,37 @@ def test_plot_is_optional(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert R.plot_training_curves(summary, SparsifyConfig(update_interval=2), tmp_path / "p.png") is False
     assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "p.png").exists()
+
+
+def test_fsdp_accelerate_config_is_fsdp2():
+    """hf_chts supports FSDP2 (fully_shard) only: FSDP1's flat parameters hide the per-layer weights."""
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    path = ROOT / "recipes" / "accelerate" / "fsdp.yaml"
+    config = yaml.safe_load(path.read_text())
+    fsdp = config["fsdp_config"]
+    assert config["distributed_type"] == "FSDP" and fsdp["fsdp_version"] == 2
+    fsdp1_only = {"fsdp_use_orig_params", "fsdp_sharding_strategy", "fsdp_backward_prefetch", "fsdp_forward_prefetch",
+                  "fsdp_sync_module_states"}
+    assert not fsdp1_only & set(fsdp), sorted(fsdp1_only & set(fsdp))
+    assert fsdp["fsdp_reshard_after_forward"] is True
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    launch_options = {action.dest for action in launch_command_parser()._actions}
+    assert set(fsdp) <= launch_options, sorted(set(fsdp) - launch_options)  # keys accelerate launch understands
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp["fsdp_version"], reshard_after_forward=fsdp["fsdp_reshard_after_forward"],
+        auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
+        transformer_cls_names_to_wrap=[fsdp["fsdp_transformer_layer_cls_to_wrap"]],
+        state_dict_type=fsdp["fsdp_state_dict_type"], cpu_offload=fsdp["fsdp_offload_params"],
+        cpu_ram_efficient_loading=fsdp["fsdp_cpu_ram_efficient_loading"],
+        activation_checkpointing=fsdp["fsdp_activation_checkpointing"])
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    readme = (ROOT / "recipes" / "README.md").read_text()
+    assert "use_orig_params" not in readme and "FSDP2" in readme
+    assert "not been tested on GPUs" in readme
 
 
 # --------------------------------------------------------------------------- end to end

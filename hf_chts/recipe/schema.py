@@ -285,23 +285,96 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
         raise ValueError(f"{where}: model.preset = {model.preset!r}; available: {', '.join(MODEL_PRESETS)}"
                          f"{_did_you_mean(model.preset, MODEL_PRESETS)}")
     settings = model_settings(model)
+    # positivity first: the divisibility checks below divide by the head counts
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "max_position_embeddings"):
+        value = settings.get(key)
+        if value is None and key in ("vocab_size", "max_position_embeddings"):
+            continue  # vocab_size from the tokenizer, max_position_embeddings from block_size
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: model.{key} = {value!r}; expected a positive integer")
     if settings["hidden_size"] % settings["num_attention_heads"]:
         raise ValueError(f"{where}: model.hidden_size ({settings['hidden_size']}) must be divisible by "
                          f"model.num_attention_heads ({settings['num_attention_heads']})")
     if settings["num_attention_heads"] % settings["num_key_value_heads"]:
         raise ValueError(f"{where}: model.num_attention_heads ({settings['num_attention_heads']}) must be a multiple "
                          f"of model.num_key_value_heads ({settings['num_key_value_heads']})")
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if settings[key] < 1:
-            raise ValueError(f"{where}: model.{key} = {settings[key]}; expected a positive integer")
     sparsify_config(recipe, where=where)  # SparsifyConfig validation (ValueError naming the field)
-    if "max_steps" not in recipe.training or int(recipe.training["max_steps"]) <= 0:
-        raise ValueError(f"{where}: training.max_steps must be set to a positive number of optimizer steps "
-                         "(the sparse schedule is sized from it)")
+    _check_training(recipe.training, where)
     gbs = recipe.run.global_batch_size
     if gbs is not None and "gradient_accumulation_steps" in recipe.training:
         raise ValueError(f"{where}: set either run.global_batch_size or training.gradient_accumulation_steps, not both "
                          "(the accumulation is computed from the global batch)")
+
+
+# integer fields of the training section the recipe itself computes with (batch arithmetic, schedule length)
+_TRAINING_POSITIVE_INTS = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                           "gradient_accumulation_steps")
+_TRAINING_INTS = ("eval_steps", "save_steps", "logging_steps", "warmup_steps", "save_total_limit",
+                  "dataloader_num_workers")
+
+
+def _check_training(training: dict, where: str) -> None:
+    """The training section: explicit checks of the integer fields, then ``TrainingArguments`` itself.
+
+    Every problem is a ``ValueError`` naming ``training.<key>``.
+    """
+    if "max_steps" not in training:
+        raise ValueError(f"{where}: training.max_steps must be set to a positive number of optimizer steps "
+                         "(the sparse schedule is sized from it)")
+    for key in _TRAINING_POSITIVE_INTS + _TRAINING_INTS:
+        if key not in training:
+            continue
+        value = training[key]
+        if key in _TRAINING_INTS and (value is None or isinstance(value, float)):
+            continue  # TrainingArguments accepts None / a float ratio for these (checked below)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{where}: training.{key} = {value!r} has the wrong type; expected an integer")
+        if key in _TRAINING_POSITIVE_INTS and value <= 0:
+            what = " number of optimizer steps (the sparse schedule is sized from it)" if key == "max_steps" else ""
+            raise ValueError(f"{where}: training.{key} = {value!r}; expected a positive integer{what}")
+        if key in _TRAINING_INTS and value < 0:
+            raise ValueError(f"{where}: training.{key} = {value!r}; expected an integer >= 0")
+    _construct_training_arguments(training, where)
+
+
+def _construct_training_arguments(training: dict, where: str) -> None:
+    """Build ``TrainingArguments(**training)`` once to let transformers check every value.
+
+    Side-effect free: the device set-up (which would create accelerate's
+    ``PartialState`` and, under ``accelerate launch``, a process group) is
+    skipped, nothing is written, and environment variables set by
+    ``__post_init__`` are restored.
+    """
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    class _CheckedArguments(TrainingArguments):
+        @property
+        def device(self):  # no PartialState / process group while validating
+            return None
+
+    values = dict(training)
+    if values.get("bf16") == "auto":
+        values["bf16"] = False  # resolved per machine by training_arguments()
+    environ = dict(os.environ)
+    try:
+        with tempfile.TemporaryDirectory(prefix="hf_chts_check_") as tmp:
+            _CheckedArguments(output_dir=tmp, use_cpu=True, **values)
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        named = [key for key in values if key in message] or \
+            [key for key, value in values.items() if isinstance(value, str) and len(value) > 1 and value in message]
+        key = max(named, key=len) if named else None  # the field the message names (or whose value it quotes)
+        label = f"training.{key}" if key else "section 'training'"
+        raise ValueError(f"{where}: {label}: {message}") from error
+    finally:
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        for key, value in environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def parse_overrides(tokens: list[str] | None) -> list[tuple[str, Any]]:
