@@ -31,20 +31,30 @@ from .model import find_state, sparsify
 logger = logging.getLogger(__name__)
 
 
-def _find_trainer():
-    """The ``Trainer`` whose callback handler is calling us (to log through ``Trainer.log``)."""
+def _find_trainer() -> tuple[object | None, str | None]:
+    """The ``Trainer`` whose callback handler is calling us, and the checkpoint it resumes from.
+
+    The callback API passes neither, so we read them from the calling frames:
+    ``self`` of the Trainer's methods and the ``resume_from_checkpoint`` argument
+    of ``Trainer._inner_training_loop`` (``train()`` does not store it in ``args``).
+    """
     from transformers import Trainer
 
+    trainer, resume_from = None, None
     frame = inspect.currentframe()
     try:
         while frame is not None:
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, Trainer):
-                return candidate
+                trainer = trainer or candidate
+                if frame.f_code.co_name == "_inner_training_loop":
+                    path = frame.f_locals.get("resume_from_checkpoint")
+                    resume_from = str(path) if isinstance(path, (str, os.PathLike)) else None
+                    break
             frame = frame.f_back
     finally:
         del frame
-    return None
+    return trainer, resume_from
 
 
 class CHTssTrainerCallback(TrainerCallback):
@@ -83,17 +93,17 @@ class CHTssTrainerCallback(TrainerCallback):
             self.engine.close()
         self.engine = SparseTrainingEngine(model, total_steps=state.max_steps, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler)
-        self._trainer = _find_trainer()
+        self._trainer, resume_from = _find_trainer()
         if state.global_step > 0:
-            self._resume(args, state)
+            self._resume(args, state, resume_from)
 
-    def _resume(self, args, state) -> None:
+    def _resume(self, args, state, resume_from: str | None) -> None:
         from .checkpoint import read_engine_state
 
-        candidates = []
-        if isinstance(args.resume_from_checkpoint, str):
-            candidates.append(args.resume_from_checkpoint)
-        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        # the checkpoint Trainer.train(resume_from_checkpoint=...) really loaded comes first
+        candidates = [path for path in (resume_from, args.resume_from_checkpoint) if isinstance(path, str)]
+        if not candidates:
+            candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
         for folder in candidates:
             engine_state = read_engine_state(folder) if os.path.isdir(folder) else None
             if engine_state is not None:

@@ -232,7 +232,8 @@ class SparsifyConfig:
                   f"expected >= removal_delta_start ({self.removal_delta_start})")
         choice("regrowth", REGROWTHS)
         choice("regrowth_selection", SELECTIONS)
-        if not isinstance(self.regrowth_temperature, (int, float)) or self.regrowth_temperature < 0:
+        if (isinstance(self.regrowth_temperature, bool) or not isinstance(self.regrowth_temperature, (int, float))
+                or self.regrowth_temperature < 0):
             _fail("regrowth_temperature", self.regrowth_temperature, "expected a number >= 0 (math.inf = top-k)")
         if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
             _fail("update_interval", self.update_interval, "expected a positive integer number of optimizer steps")
@@ -266,6 +267,12 @@ class SparsifyConfig:
             _fail("seed", self.seed, "expected a non-negative integer")
         if isinstance(self.ch_memory_budget_mb, bool) or not isinstance(self.ch_memory_budget_mb, int) or self.ch_memory_budget_mb < 1:
             _fail("ch_memory_budget_mb", self.ch_memory_budget_mb, "expected a positive integer (MiB)")
+        if self.init == "dense" and self.initial_density < 1.0:
+            _fail("init", self.init, f"init 'dense' builds a full mask but initial_density is {self.initial_density}; "
+                  "choose a sparse init (er, bsw, brf, bsf, csti) or initial_density=1.0")
+        if self.removal != "none" and self.regrowth == "none":
+            _fail("regrowth", self.regrowth, f"removal '{self.removal}' without regrowth would let the density fall "
+                  "below the schedule at every update; set a regrowth method or removal='none'")
         if self.init == "csti" and self.initial_density >= 1.0:
             _fail("init", self.init, "csti builds a sparse start; it needs initial_density < 1")
 
@@ -278,10 +285,9 @@ class SparsifyConfig:
     @property
     def removal_temperature_range(self) -> tuple[float, float]:
         """(T_start, T_end) from the δ range, ``T = δ/(1−δ)`` (§3)."""
-        def temperature(delta: float) -> float:
-            return math.inf if delta >= 1.0 else delta / (1.0 - delta)
+        from .topology.removal import delta_to_temperature
 
-        return temperature(self.removal_delta_start), temperature(self.removal_delta_end)
+        return delta_to_temperature(self.removal_delta_start), delta_to_temperature(self.removal_delta_end)
 
     # ------------------------------------------------------------ JSON I/O
     def to_dict(self) -> dict[str, Any]:

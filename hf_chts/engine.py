@@ -129,6 +129,9 @@ class SparseTrainingEngine:
         self.history: list[UpdateStats] = []
         self.optimizer = None
         self._hook_handles: list = []
+        self._warned_state_dtype = False
+        self._warned_no_optimizer = False
+        self._restore: list = []  # undo actions for wrappers installed on the optimizer / scheduler
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._skip_next_optimizer_step = False
         if optimizer is not None:
@@ -170,6 +173,7 @@ class SparseTrainingEngine:
             return original_step(*args, **kwargs)
 
         optimizer.step = step
+        self._restore.append(lambda: optimizer.__dict__.pop("step", None))
 
     def attach_lr_scheduler(self, scheduler) -> None:
         """Multiply a ``LambdaLR``-style scheduler's factors by the re-warm-up multiplier (§6)."""
@@ -181,6 +185,8 @@ class SparseTrainingEngine:
                 f"lr_rewarmup_steps needs a LambdaLR-style scheduler (transformers' get_*_schedule); got {type(scheduler).__name__}"
             )
         # LambdaLR calls each factor with its own step count = optimizer steps completed
+        original = scheduler.lr_lambdas
+        self._restore.append(lambda: setattr(scheduler, "lr_lambdas", original))
         scheduler.lr_lambdas = [
             (lambda step, base=base: base(step) * self.lr_multiplier(step)) for base in scheduler.lr_lambdas
         ]
@@ -262,6 +268,14 @@ class SparseTrainingEngine:
         density = self.schedule.density_at(step)
         zeta = self.schedule.removal_fraction_at(step) if self.config.removal != "none" else 0.0
         temperature = math.inf if self.config.removal == "rigid" else self.schedule.removal_temperature_at(step)
+        if self.optimizer is None and not self._warned_no_optimizer and any(
+                layer.weight.requires_grad for layer in self.layers.values()):
+            self._warned_no_optimizer = True
+            logger.warning(
+                "hf_chts: the engine is not attached to an optimizer, so the moments of removed and regrown links "
+                "are not reset and an optimizer with momentum will move masked weights off zero. Create it with "
+                "SparseTrainingEngine(model, ..., optimizer=optimizer) or call engine.attach_optimizer(optimizer)."
+            )
         if self.config.regrowth == "gradient" and not self._dense_grads and self.layers:
             raise ValueError("gradient (RigL) regrowth needs the dense gradient of the update step: create the engine "
                              "with optimizer=... (or call attach_optimizer) so it can capture it before the step")
@@ -270,6 +284,7 @@ class SparseTrainingEngine:
         masks = {name: self._prune_and_remove(name, budgets[name], zeta, temperature) for name in self.layers}
         if self.config.percolation and (self.topology.attention or self.topology.mlp):
             masks.update(percolate(masks, self.topology, rope_aware=self.config.rope_aware).masks)
+        active, total = active_neurons(masks, self.topology)  # ANP: post-percolation, before regrowth (§4)
         grown = {name: self._regrow(name, masks[name], budgets[name]) for name in self.layers}
 
         removed_total = regrown_total = overlap_total = 0
@@ -279,7 +294,6 @@ class SparseTrainingEngine:
             regrown_total += int(grown[name].sum())
             overlap_total += int((removed & grown[name]).sum())
             self._apply_layer_update(layer, masks[name], grown[name])
-        active, total = active_neurons(masks, self.topology)
         stats = UpdateStats(
             step=step, target_density=density, density=self.density(),
             anp=sum(active.values()) / max(sum(total.values()), 1),
@@ -347,8 +361,14 @@ class SparseTrainingEngine:
         weight.mul_(weight_keep)  # regrown links start at 0
         if self.optimizer is not None:
             for value in self.optimizer.state.get(weight, {}).values():
-                if torch.is_tensor(value) and value.shape == weight.shape:
+                if not (torch.is_tensor(value) and value.shape == weight.shape):
+                    continue
+                if value.is_floating_point():
                     value.mul_(weight_keep.to(value.dtype))
+                elif not self._warned_state_dtype:  # e.g. 8-bit quantised moments: code 0 is not the value 0
+                    self._warned_state_dtype = True
+                    logger.warning("hf_chts: optimizer state of dtype %s cannot be reset for regrown links; "
+                                   "use an optimizer with floating-point state", value.dtype)
 
     # ----------------------------------------------------------- inspection
     def masks(self) -> dict[str, torch.Tensor]:
@@ -426,10 +446,12 @@ class SparseTrainingEngine:
         self._prepare_next_step()
 
     def close(self) -> None:
-        """Remove the optimizer hooks."""
+        """Remove the optimizer hooks and undo the optimizer-step / LR-scheduler wrappers."""
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        while self._restore:
+            self._restore.pop()()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

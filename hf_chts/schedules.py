@@ -112,6 +112,12 @@ class SparseSchedule:
                 f"the density decay window [{decay_start}, {decay_end}] of a {total_steps}-step run holds no topology "
                 f"update at update_interval={interval}: lower update_interval, widen decay_end_fraction, or train longer"
             )
+        if not config.is_dense and update_end < interval:
+            raise ValueError(
+                f"a {total_steps}-step run has no topology update: the first one would follow step {interval} "
+                f"(update_interval) but updates stop at step {update_end} (update_end_fraction="
+                f"{config.update_end_fraction}); lower update_interval or train longer"
+            )
         t_start, t_end = config.removal_temperature_range
         return cls(total_steps, interval, update_end, decay_start, max(num_decay, 1), config.initial_density,
                    config.target_density, kind, config.sigmoid_k, config.removal_fraction,

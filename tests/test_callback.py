@@ -152,3 +152,21 @@ def test_lr_rewarmup_multiplies_the_trainers_scheduler(make_tiny_model, tmp_path
     lrs = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
     # Trainer logs the LR used by step t; the updates after steps 4 and 8 halve the LR of steps 5 and 9
     assert [lrs[s] for s in range(1, 13)] == pytest.approx([1e-2] * 4 + [5e-3] + [1e-2] * 3 + [5e-3] + [1e-2] * 3)
+
+
+def test_resume_from_a_checkpoint_outside_output_dir(make_tiny_model, tmp_path):
+    config = SparsifyConfig(method="chtss", target_density=0.3, update_interval=3, seed=0)
+    common = dict(max_steps=18, save_strategy="steps", save_steps=9, learning_rate=1e-2)
+    first_model = make_tiny_model("llama", seed=1)
+    first, _ = make_trainer(first_model, tmp_path / "A", config, **common)
+    first.train()
+    # a decoy at the path the callback would guess inside the new output_dir: it must not be used
+    decoy_model = make_tiny_model("llama", seed=3)
+    decoy, _ = make_trainer(decoy_model, tmp_path / "B", SparsifyConfig(method="chtss", target_density=0.3,
+                                                                         update_interval=3, seed=5), **common)
+    decoy.train()
+    resumed_model = make_tiny_model("llama", seed=2)
+    resumed, callback = make_trainer(resumed_model, tmp_path / "B", config, **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "A" / "checkpoint-9"))
+    for name, layer in sparse_layers(first_model).items():
+        assert torch.equal(layer.mask, sparse_layers(resumed_model)[name].mask), name

@@ -90,3 +90,15 @@ def test_load_reports_truncated_json(tmp_path):
     path.write_text('{"method": "chtss", "target_dens')
     with pytest.raises(ValueError, match="truncated or corrupted"):
         SparsifyConfig.load(path)
+
+
+def test_inconsistent_combinations_are_refused():
+    with pytest.raises(ValueError, match="SparsifyConfig.init='dense'.*initial_density"):
+        SparsifyConfig(method="gmp", initial_density=0.5)
+    with pytest.raises(ValueError, match="SparsifyConfig.init='dense'"):
+        SparsifyConfig(method="chts", init="dense")
+    with pytest.raises(ValueError, match="SparsifyConfig.regrowth='none'"):
+        SparsifyConfig(method="chts", regrowth="none")
+    with pytest.raises(ValueError, match="regrowth_temperature"):
+        SparsifyConfig(regrowth_temperature=True)
+    assert SparsifyConfig(method="gmp", initial_density=0.5, init="er").initial_density == 0.5

@@ -119,10 +119,10 @@ def test_state_dict_restores_exactly(make_tiny_model):
 
 def test_mismatched_engine_state_is_a_clear_error(make_tiny_model):
     model = make_tiny_model("llama")
-    sparsify(model, SparsifyConfig(method="chts"))
+    sparsify(model, SparsifyConfig(method="chts", update_interval=10))
     engine = SparseTrainingEngine(model, total_steps=100)
     other = make_tiny_model("gpt2")
-    sparsify(other, SparsifyConfig(method="chts"))
+    sparsify(other, SparsifyConfig(method="chts", update_interval=10))
     other_engine = SparseTrainingEngine(other, total_steps=100)
     with pytest.raises(ValueError, match="does not match this model"):
         engine.load_state_dict(other_engine.state_dict())
@@ -134,7 +134,7 @@ def test_mismatched_engine_state_is_a_clear_error(make_tiny_model):
 
 def make_sparse(factory):
     model = factory("llama")
-    sparsify(model, SparsifyConfig(method="chts"))
+    sparsify(model, SparsifyConfig(method="chts", update_interval=10))
     return model
 
 
@@ -235,7 +235,7 @@ def test_lr_rewarmup_multiplies_the_scheduler(make_tiny_model):
 
 def test_engine_rejects_foreign_optimizer_and_unsparsified_copies(make_tiny_model):
     model = make_tiny_model("llama")
-    sparsify(model, SparsifyConfig(method="chts"))
+    sparsify(model, SparsifyConfig(method="chts", update_interval=5))
     stranger = torch.nn.Linear(3, 3)
     with pytest.raises(ValueError, match="not parameters of this model"):
         SparseTrainingEngine(model, total_steps=10, optimizer=torch.optim.SGD(stranger.parameters(), lr=0.1))
@@ -256,7 +256,7 @@ def test_masks_identical_for_identical_runs(make_tiny_model):
 
 def test_engine_refuses_a_model_whose_sparse_modules_were_replaced(make_tiny_model):
     model = make_tiny_model("llama")
-    sparsify(model, SparsifyConfig(method="chts"))
+    sparsify(model, SparsifyConfig(method="chts", update_interval=5))
     attention = model.model.layers[1].self_attn
     attention.q_proj = torch.nn.Linear(attention.q_proj.in_features, attention.q_proj.out_features, bias=False)
     with pytest.raises(ValueError, match="model.layers.1.self_attn.q_proj"):
@@ -265,7 +265,7 @@ def test_engine_refuses_a_model_whose_sparse_modules_were_replaced(make_tiny_mod
 
 def test_engine_sees_through_torch_compile_wrappers(make_tiny_model):
     model = make_tiny_model("llama")
-    sparsify(model, SparsifyConfig(method="chts"))
+    sparsify(model, SparsifyConfig(method="chts", update_interval=5))
     compiled = torch.compile(model, backend="eager")
     engine = SparseTrainingEngine(compiled, total_steps=10)
     assert set(engine.layers) == set(find_state(model).topology.layers)
@@ -298,3 +298,53 @@ def test_other_optimizers_get_weights_re_masked_after_each_step(make_tiny_model)
     _run(model, engine, optimizer, list(batches(10, 1)))
     layer = next(iter(engine.layers.values()))
     assert torch.any(layer.weight[~layer.storage_mask()] != 0)
+
+
+def test_run_without_any_topology_update_is_refused(make_tiny_model):
+    model = make_tiny_model("llama")
+    sparsify(model, SparsifyConfig(method="chts"))  # default update_interval 100
+    with pytest.raises(ValueError, match="no topology update.*update_interval"):
+        SparseTrainingEngine(model, total_steps=100)  # updates stop at step 75
+
+
+def test_engine_without_optimizer_warns_once(make_tiny_model, caplog):
+    import logging
+
+    model = make_tiny_model("llama")
+    sparsify(model, SparsifyConfig(method="chts", update_interval=2))
+    engine = SparseTrainingEngine(model, total_steps=10)
+    with caplog.at_level(logging.WARNING, logger="hf_chts.engine"):
+        engine.step(), engine.step(), engine.step(), engine.step()
+    assert len([r for r in caplog.records if "not attached to an optimizer" in r.getMessage()]) == 1
+
+
+def test_close_undoes_the_optimizer_and_scheduler_wrappers(make_tiny_model):
+    from transformers import get_constant_schedule
+
+    model = make_tiny_model("llama")
+    sparsify(model, SparsifyConfig(method="chts", update_interval=2, parity=True, lr_rewarmup_steps=2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = get_constant_schedule(optimizer)
+    lambdas = scheduler.lr_lambdas
+    engine = SparseTrainingEngine(model, total_steps=20, optimizer=optimizer, lr_scheduler=scheduler)
+    assert "step" in optimizer.__dict__ and scheduler.lr_lambdas is not lambdas
+    engine.close()
+    assert "step" not in optimizer.__dict__ and scheduler.lr_lambdas is lambdas
+
+
+def test_non_float_optimizer_state_is_left_alone_with_a_warning(make_tiny_model, caplog):
+    import logging
+
+    model = make_tiny_model("llama")
+    model.train()
+    sparsify(model, SparsifyConfig(method="set", target_density=0.3, update_interval=1, removal_fraction=0.3,
+                                   target_modules=["model.layers.0.mlp.down_proj"]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = SparseTrainingEngine(model, total_steps=10, optimizer=optimizer)
+    layer = engine.layers["model.layers.0.mlp.down_proj"]
+    codes = torch.full(layer.weight.shape, 7, dtype=torch.uint8)  # e.g. quantised moments
+    optimizer.state[layer.weight]["codes"] = codes
+    with caplog.at_level(logging.WARNING, logger="hf_chts.engine"):
+        engine.step()
+    assert torch.all(codes == 7)
+    assert any("cannot be reset" in r.getMessage() for r in caplog.records)
