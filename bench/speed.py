@@ -62,7 +62,7 @@ def build_llama(shape: dict, vocab: int = 1024, seed: int = 0):
     return transformers.LlamaForCausalLM(config)
 
 
-def sparse_setup(model, density: float, total_steps: int = 10**6, update_interval: int = 10**6):
+def sparse_setup(model, density: float, total_steps: int = 10**7, update_interval: int = 10**6):
     import torch
 
     from hf_chts import SparsifyConfig, sparsify
