@@ -468,6 +468,143 @@ def test_fsdp_accelerate_config_is_fsdp2():
     assert "not been tested on GPUs" in readme
 
 
+class _FakeAccelerator:
+    def __init__(self, calls, model):
+        self.calls, self.model = calls, model
+
+    def get_state_dict(self, model, unwrap=True):
+        self.calls.append("get_state_dict")
+        return {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+
+    def unwrap_model(self, model):
+        return model
+
+    def wait_for_everyone(self):
+        self.calls.append("wait_for_everyone")
+
+
+class _FakeTrainer:
+    """What finish_run uses of a Trainer, recording the collective calls."""
+
+    def __init__(self, model, calls):
+        from types import SimpleNamespace
+
+        self.model, self.calls = model, calls
+        self.accelerator = _FakeAccelerator(calls, model)
+        self.state = SimpleNamespace(global_step=8, log_history=[{"step": 4, "loss": 5.0}, {"step": 8, "eval_loss": 4.5}])
+        self.args = SimpleNamespace(world_size=1)
+
+    def is_world_process_zero(self):
+        return True
+
+    def evaluate(self):
+        self.calls.append("evaluate")
+        return {"eval_loss": 4.5}
+
+
+def _finish_run_inputs(tmp_path):
+    import torch
+    import transformers
+    from types import SimpleNamespace
+
+    from hf_chts import sparsify
+
+    write_corpus(tmp_path / "corpus")
+    recipe = R.load_recipe(write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path)))
+    recipe.output_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=64, bos_token_id=0, eos_token_id=1)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    sparsify(model, R.sparsify_config(recipe))
+    blocks = [{"input_ids": torch.randint(0, 64, (16,))} for _ in range(4)]
+    data = SimpleNamespace(train=blocks, validation=blocks, validation_texts=[], stats={"train_blocks": 4})
+    return recipe, model, data
+
+
+def test_weights_are_sharded_follows_the_sparse_layers(monkeypatch, tmp_path):
+    from hf_chts.layers import SparseLayerMixin
+
+    _, model, _ = _finish_run_inputs(tmp_path)
+    assert R.summary.weights_are_sharded(model) is False
+    monkeypatch.setattr(SparseLayerMixin, "is_sharded", property(lambda self: True))
+    assert R.summary.weights_are_sharded(model) is True
+
+
+def test_finish_run_with_sharded_weights_uses_collective_eval_and_gathered_state_dict(tmp_path, monkeypatch, capsys):
+    """FSDP2: the rank-0-only forward passes / save_sparse would deadlock; they must not run."""
+    import hf_chts.checkpoint
+    import torch
+
+    from hf_chts import load_sparse
+    from hf_chts.layers import sparse_layers
+
+    recipe, model, data = _finish_run_inputs(tmp_path)
+    calls = []
+    trainer = _FakeTrainer(model, calls)
+
+    def rank0_only(*args, **kwargs):
+        raise AssertionError("rank-0-only path taken with sharded weights (deadlock under FSDP2)")
+
+    from hf_chts.layers import SparseLayerMixin
+
+    trained = {id(layer) for layer in sparse_layers(model).values()}  # only the trained model counts as FSDP2-sharded
+    monkeypatch.setattr(SparseLayerMixin, "is_sharded", property(lambda self: id(self) in trained))
+    monkeypatch.setattr(R.summary, "validation_loss", lambda m, *a, **k: rank0_only() if m is model else 4.5)
+    monkeypatch.setattr(hf_chts.checkpoint, "save_sparse", rank0_only)
+    summary = R.finish_run(recipe, trainer, None, None, data, started=time.time())
+    assert calls.count("evaluate") == 1 and calls.count("get_state_dict") == 1
+    assert calls.index("get_state_dict") < calls.index("wait_for_everyone")
+    assert summary["val_loss"] == 4.5 and summary["reload_check"] is None
+    assert "skipping the in-memory vs reloaded comparison" in capsys.readouterr().out
+    final = recipe.output_dir / R.FINAL_DIR
+    assert (final / "sparsity.safetensors").exists() and (final / "sparsify_config.json").exists()
+    reloaded = load_sparse(str(final))
+    original = {name: layer.mask for name, layer in sparse_layers(model).items()}
+    assert {name: layer.mask for name, layer in sparse_layers(reloaded).items()}.keys() == original.keys()
+    for name, layer in sparse_layers(reloaded).items():
+        assert torch.equal(layer.mask, original[name])
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_finish_run_unsharded_keeps_the_reload_check_and_summary_has_the_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    recipe, model, data = _finish_run_inputs(tmp_path)
+    calls = []
+    summary = R.finish_run(recipe, _FakeTrainer(model, calls), None, None, data, started=time.time())
+    assert "get_state_dict" not in calls  # the unsharded path is unchanged: save_sparse + rank-0 reload check
+    assert summary["reload_check"]["match"] is True
+    written = json.loads((recipe.output_dir / R.SUMMARY_FILE).read_text())
+    assert written["plot"] == str(recipe.output_dir / R.PLOT_FILE) == summary["plot"]
+    assert (recipe.output_dir / R.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p.name for p in recipe.output_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_plot_is_written_atomically(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    target = tmp_path / R.PLOT_FILE
+    target.write_bytes(b"previous plot")
+    summary = {"steps": 10, "sparsity_history": [], "loss_curve": {"train": [{"step": 5, "loss": 1.0}], "eval": []},
+               "recipe_name": "x"}
+
+    def broken_savefig(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        R.plot_training_curves(summary, SparsifyConfig(update_interval=2), target)
+    assert target.read_bytes() == b"previous plot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [R.PLOT_FILE]
+    monkeypatch.undo()
+    assert R.plot_training_curves(summary, SparsifyConfig(update_interval=2), target) is True
+    assert target.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [R.PLOT_FILE]
+
+
 # --------------------------------------------------------------------------- end to end
 def test_tiny_recipe_end_to_end_through_the_cli(tmp_path, capsys):
     pytest.importorskip("lm_eval")

@@ -99,8 +99,13 @@ def plot_training_curves(summary: dict, config: SparsifyConfig, path: Path) -> b
     ax.set(title="active neuron percentage (ANP)", xlabel="optimizer step", ylabel="ANP", ylim=(0, 1.05))
     fig.suptitle(f"{summary['recipe_name']}: {config.method}, target density {config.target_density}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from ..io_utils import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:  # a temp file in the same folder, then os.replace
+            fig.savefig(tmp, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -140,6 +145,46 @@ def run_lm_eval(recipe: Recipe, model, tokenizer, data: LMData) -> dict[str, Any
             "metrics": evaluation.finite_metrics(results), "results": evaluation.jsonable_results(results)}
 
 
+def weights_are_sharded(model) -> bool:
+    """True when a sparse layer's weight is a DTensor (FSDP2 ``fully_shard``): forward passes are collective."""
+    from ..layers import sparse_layers
+
+    return any(layer.is_sharded for layer in sparse_layers(model).values())
+
+
+def _local_device(model) -> torch.device:
+    parameter = next(model.parameters())
+    return getattr(parameter, "to_local", lambda: parameter)().device
+
+
+def _save_gathered(model, full_state_dict: dict, final_dir: Path, tokenizer) -> None:
+    """Main process, sharded weights: write ``final_dir`` from the gathered full state dict.
+
+    ``save_sparse`` reads the (sharded) model's own weights, so the weights come
+    from ``full_state_dict`` (masked again with the full masks, which every rank
+    holds) through the class's ``save_pretrained``; ``write_sparsity_files`` adds
+    ``sparsity.safetensors`` and ``sparsify_config.json`` from the full masks.
+    """
+    from ..checkpoint import weight_key, write_sparsity_files
+    from ..layers import sparse_layers
+
+    state = dict(full_state_dict)
+    for name, layer in sparse_layers(model).items():
+        key = weight_key(name)
+        tensor = state.get(key)
+        keep = layer.mask.t() if layer.transposed else layer.mask
+        if torch.is_tensor(tensor) and tensor.shape == keep.shape:
+            state[key] = tensor * keep.to(device=tensor.device, dtype=tensor.dtype)
+        else:
+            raise ValueError(f"hf_chts: the gathered state dict has no full weight {key!r} for the sparse layer "
+                             f"{name!r} (got {None if tensor is None else tuple(tensor.shape)})")
+    final_dir.mkdir(parents=True, exist_ok=True)
+    type(model).save_pretrained(model, str(final_dir), state_dict=state, is_main_process=True)
+    write_sparsity_files(model, final_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(final_dir))
+
+
 def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, started: float,
                train_output=None) -> dict[str, Any]:
     """Evaluate, save the sparse checkpoint, reload and re-check it, run lm-eval, write the summary and plot.
@@ -159,16 +204,28 @@ def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, st
     ranks = _gather_ranks()
     final_dir = out / FINAL_DIR
     summary: dict[str, Any] = {}
+    sharded = weights_are_sharded(model)
+    # FSDP2: a forward pass and full_tensor() are collective, so nothing below may run them on one rank.
+    # Every rank takes part in gathering the full state dict; the main process writes it.
+    full_state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if is_main:
         report = sparsity_report(model)
-        save_sparse(model, str(final_dir), tokenizer=tokenizer)
+        if sharded:
+            _save_gathered(trainer.accelerator.unwrap_model(model), full_state_dict, final_dir, tokenizer)
+            del full_state_dict
+        else:
+            save_sparse(model, str(final_dir), tokenizer=tokenizer)
         print(f"hf_chts: sparse checkpoint saved to {final_dir}")
         reload_check = None
         reloaded = None
         if recipe.eval.check_reload or recipe.eval.tasks or recipe.eval.local_task_from_heldout:
-            reloaded = load_sparse(str(final_dir))
-            reloaded.to(next(model.parameters()).device)
-        if recipe.eval.check_reload and recipe.eval.perplexity:
+            reloaded = load_sparse(str(final_dir))  # a plain (unsharded) copy: evaluating it is not collective
+            reloaded.to(_local_device(model))
+        if sharded and recipe.eval.check_reload:
+            print(f"hf_chts: weights are sharded (FSDP2): the validation loss is the Trainer's eval_loss from every "
+                  f"rank; skipping the in-memory vs reloaded comparison of {final_dir} (it would run the sharded "
+                  "model on the main process alone)")
+        elif recipe.eval.check_reload and recipe.eval.perplexity:
             in_memory = validation_loss(model, data.validation, recipe.eval.batch_size)
             from_disk = validation_loss(reloaded, data.validation, recipe.eval.batch_size)
             match = math.isclose(in_memory, from_disk, rel_tol=1e-5, abs_tol=1e-6)
@@ -204,8 +261,8 @@ def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, st
         }
         from ..io_utils import atomic_write_text
 
-        atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
         summary["plot"] = str(out / PLOT_FILE) if plot_training_curves(summary, config, out / PLOT_FILE) else None
+        atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
         print_summary(summary, recipe)
     trainer.accelerator.wait_for_everyone()
     return summary
