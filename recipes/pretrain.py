@@ -22,9 +22,8 @@ import argparse
 import time
 
 from accelerate import PartialState
-from transformers import Trainer
 
-from hf_chts import CHTssTrainerCallback, sparsify
+from hf_chts import sparsify
 from hf_chts import recipe as R
 
 
@@ -68,18 +67,11 @@ def main(argv=None):
         R.prepare_output_dir(recipe, mode)
     state.wait_for_everyone()
 
-    # 6. Trainer + callback: the callback runs removal / percolation / regrowth every Δ steps.
-    callback = CHTssTrainerCallback(config, log_per_layer=recipe.run.log_per_layer_density)
+    # 6. Trainer + callback: the callback (CHTssTrainerCallback) runs removal / percolation / regrowth
+    #    every Δ steps; the Trainer trains on the packed blocks and evaluates on the validation blocks.
+    callback = R.make_callback(recipe, config)
     training_args = R.training_arguments(recipe, world_size=state.num_processes)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.validation if recipe.eval.perplexity else None,
-        data_collator=R.collate_blocks,
-        processing_class=tokenizer,
-        callbacks=[callback],
-    )
+    trainer = R.build_trainer(recipe, model, tokenizer, data, callback, args=training_args)
 
     # 7. Train (resuming from the last checkpoint-N when run.resume is set).
     resume = R.last_checkpoint(recipe) if mode == "resume" else None

@@ -605,6 +605,64 @@ def test_plot_is_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [R.PLOT_FILE]
 
 
+class _StopHere(Exception):
+    pass
+
+
+def test_pretrain_script_builds_callback_and_trainer_through_the_library(tmp_path, monkeypatch):
+    """recipes/pretrain.py and `hf-chts train` share make_callback / build_trainer, so they cannot drift."""
+    import importlib.util
+
+    write_corpus(tmp_path / "corpus")
+    path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path))
+    spec = importlib.util.spec_from_file_location("pretrain_script", ROOT / "recipes" / "pretrain.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = {}
+    real_make_callback = R.make_callback
+
+    def make_callback(recipe, config):
+        seen["callback"] = real_make_callback(recipe, config)
+        return seen["callback"]
+
+    def build_trainer(recipe, model, tokenizer, data, callback, args=None):
+        seen["trainer"] = (callback, args)
+        raise _StopHere
+
+    monkeypatch.setattr(R, "make_callback", make_callback)
+    monkeypatch.setattr(R, "build_trainer", build_trainer)
+    with pytest.raises(_StopHere):
+        script.main(["--config", str(path)])
+    callback, args = seen["trainer"]
+    assert callback is seen["callback"] and args.max_steps == 8
+
+
+def test_train_command_checks_the_output_folder_once(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    write_corpus(tmp_path / "corpus")
+    path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path))
+    calls = []
+    real_check = R.schema.check_output_dir
+
+    def check_output_dir(recipe):
+        calls.append(recipe.output_dir)
+        return real_check(recipe)
+
+    def build_model(recipe, tokenizer):
+        raise _StopHere
+
+    monkeypatch.setattr(R.run, "check_output_dir", check_output_dir)
+    monkeypatch.setattr(R.run, "build_model", build_model)
+    with pytest.raises(_StopHere):
+        R.train_command(SimpleNamespace(recipe=str(path), overrides=[], overwrite=False))
+    assert calls == [tmp_path / "run"]
+    calls.clear()
+    with pytest.raises(_StopHere):  # run_recipe on its own still checks (once)
+        R.run_recipe(R.load_recipe(path))
+    assert calls == [tmp_path / "run"]
+
+
 # --------------------------------------------------------------------------- end to end
 def test_tiny_recipe_end_to_end_through_the_cli(tmp_path, capsys):
     pytest.importorskip("lm_eval")

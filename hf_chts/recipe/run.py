@@ -20,8 +20,12 @@ def last_checkpoint(recipe: Recipe) -> str | None:
     return get_last_checkpoint(str(recipe.output_dir)) if recipe.output_dir.is_dir() else None
 
 
-def run_recipe(recipe: Recipe) -> dict[str, Any]:
-    """The whole pipeline for one (already validated) recipe; see recipes/pretrain.py for the same steps spelt out."""
+def run_recipe(recipe: Recipe, *, mode: str | None = None) -> dict[str, Any]:
+    """The whole pipeline for one (already validated) recipe; see recipes/pretrain.py for the same steps spelt out.
+
+    ``mode`` is :func:`check_output_dir`'s answer when the caller has already
+    checked the output folder (``train_command``); otherwise it is checked here.
+    """
     from accelerate import PartialState
 
     from ..model import sparsify
@@ -31,7 +35,8 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     configure_torch(recipe)
     try:
         state = PartialState()
-        mode = check_output_dir(recipe)  # every rank checks before anyone writes
+        if mode is None:
+            mode = check_output_dir(recipe)  # every rank checks before anyone writes
         with state.main_process_first():
             corpus = load_corpus(recipe)
             tokenizer = build_tokenizer(recipe, corpus)
@@ -57,6 +62,6 @@ def train_command(args) -> int:
     """``hf-chts train <recipe> [--overwrite] [--key value ...]``."""
     recipe = load_recipe(args.recipe, list(getattr(args, "overrides", None) or []),
                          overwrite=bool(getattr(args, "overwrite", False)))
-    check_output_dir(recipe)  # fail before loading anything heavy
-    run_recipe(recipe)
+    mode = check_output_dir(recipe)  # every rank, once, before loading anything heavy
+    run_recipe(recipe, mode=mode)
     return 0
