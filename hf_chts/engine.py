@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import SparsifyConfig
 from .layers import SparseLayerMixin, sparse_layers
-from .model import find_state, sparsify
+from .model import find_state, sparsify, unwrap_model
 from .schedules import SparseSchedule, lr_rewarmup_multiplier
 from .topology.init import allocate_links, count_links
 from .topology.percolation import active_neurons, percolate
@@ -104,7 +104,7 @@ class SparseTrainingEngine:
     def __init__(self, model: nn.Module, config: SparsifyConfig | None = None, *, total_steps: int,
                  optimizer: torch.optim.Optimizer | None = None, lr_scheduler=None) -> None:
         if find_state(model) is None:
-            sparsify(_unwrap(model), config)
+            sparsify(unwrap_model(model), config)
         state = find_state(model)
         if config is not None and config.to_dict() != state.config.to_dict():
             logger.warning("hf_chts: the model was sparsified with a different config; the model's config is used")
@@ -453,10 +453,3 @@ class SparseTrainingEngine:
         while self._restore:
             self._restore.pop()()
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner

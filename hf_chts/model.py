@@ -125,6 +125,15 @@ def find_state(model: nn.Module) -> SparseModelState | None:
     return find_state(inner) if isinstance(inner, nn.Module) and inner is not model else None
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The innermost model under DDP's ``module`` and ``torch.compile``'s ``_orig_mod`` wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+
+
 def is_sparsified(model: nn.Module) -> bool:
     return find_state(model) is not None
 
