@@ -24,8 +24,10 @@ A checkpoint folder is a normal Hugging Face model folder plus two files::
     ``SparseTrainingEngine.state_dict()`` except the masks (in ``sparsity.safetensors``)
     and the config (above): ``version``, ``completed_steps``, ``total_steps``,
     ``generator_state`` (``torch.Generator.get_state()`` bytes, base64), ``layers``,
-    ``history``; plus informative ``target_density`` (current scheduled density) and
-    ``schedule`` (update interval, update end, updates done / total, next update step).
+    ``history`` (each update's stats without the per-layer ``layer_density``, which
+    would cost layers x updates numbers per checkpoint; it reloads as ``{}``); plus
+    informative ``target_density`` (current scheduled density) and ``schedule``
+    (update interval, update end, updates done / total, next update step).
     :func:`read_engine_state` turns it back into the exact ``state_dict()`` format.
 
 Compact format (``save_sparse(..., compact=True)`` or ``hf-chts export --format compact``)
@@ -72,9 +74,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .architectures import _out_in
 from .config import SparsifyConfig
 from .io_utils import atomic_write_text
-from .layers import sparse_layers
+from .layers import SparseLayerMixin, _is_dtensor, sparse_layers
 from .model import find_state, select_modules, sparsify
 
 logger = logging.getLogger(__name__)
@@ -192,6 +195,8 @@ def _encode_engine_state(state: dict) -> dict:
             continue
         if key == "generator_state":
             value = base64.b64encode(value.cpu().numpy().tobytes()).decode("ascii")
+        if key == "history":  # per-layer densities (layers x updates numbers) stay out of the JSON
+            value = [{k: v for k, v in stats.items() if k != "layer_density"} for stats in value]
         record[key] = value
     return record
 
@@ -202,7 +207,7 @@ def _engine_record(model: nn.Module) -> dict | None:
     engine = getattr(state, "engine", None) if state is not None else None
     if engine is None:
         return getattr(state, "loaded_engine_record", None) if state is not None else None
-    record = _encode_engine_state(engine.state_dict())
+    record = _encode_engine_state(engine.state_dict(include_masks=False))  # masks: sparsity.safetensors
     schedule = getattr(engine, "schedule", None)
     step = int(record.get("completed_steps", 0))
     if schedule is not None:
@@ -265,7 +270,23 @@ def _masked_state_dict(model: nn.Module, state_dict: dict | None) -> dict | None
         if tensor is None or not torch.is_tensor(tensor) or tensor.shape != layer.weight.shape:
             logger.warning("hf_chts: cannot re-apply the mask of %r to the given state_dict (key missing or resharded)", key)
             continue
-        keep = layer.storage_mask().to(tensor.device)
+        if _is_dtensor(tensor):  # a sharded state dict: mask each rank's shard with the mask shard (local ops)
+            keep = layer.storage_mask()
+            if not (_is_dtensor(keep) and keep.device_mesh == tensor.device_mesh
+                    and keep.placements == tensor.placements):
+                logger.warning("hf_chts: cannot re-apply the mask of %r to the given state_dict (sharded unlike the "
+                               "weight)", key)
+                continue
+            local, keep = tensor.to_local().detach(), keep.to_local().to(tensor.to_local().device)
+            if bool((local[~keep] != 0).any()):
+                from torch.distributed.tensor import DTensor
+
+                state_dict[key] = DTensor.from_local(local * keep.to(local.dtype), tensor.device_mesh,
+                                                     tensor.placements, run_check=False,
+                                                     shape=tensor.shape, stride=tensor.stride())
+            continue
+        # the full plain mask in storage layout: under FSDP2 storage_mask() is a DTensor shard
+        keep = (layer.mask.t() if layer.transposed else layer.mask).to(tensor.device)
         if bool((tensor.detach()[~keep] != 0).any()):
             state_dict[key] = tensor.detach() * keep.to(tensor.dtype)
     return state_dict
@@ -382,6 +403,21 @@ def _push_folder(folder: Path, repo_id: str, *, token=None, private=None, commit
 
 
 # ================================================================ public save
+def _gather_full_state_dict(model: nn.Module) -> dict | None:
+    """A full (unsharded, CPU) state dict when FSDP2 shards ``model``'s parameters, else ``None``.
+
+    A collective: every rank must call it; only rank 0 receives the tensors
+    (``StateDictOptions(full_state_dict=True, cpu_offload=True)``). The
+    main-process-only write path then never touches sharded tensors.
+    """
+    model = _unwrap_model(model)
+    if not any(_is_dtensor(param) for param in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, compact: bool = False,
                 push_to_hub: bool = False, repo_id: str | None = None, token: str | None = None,
                 private: bool | None = None, commit_message: str | None = None,
@@ -405,13 +441,17 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
             commit_message: passed to the Hub API.
         max_shard_size: shard size of the weight files (``save_pretrained``).
 
+    Under FSDP2 (``fully_shard``) every rank must call it: the full weights are
+    gathered collectively, then the main process writes them.
+
     Returns:
         The folder path on the main process, ``None`` on other ranks (which write nothing).
     """
     _reapply_masks(model)  # on every calling rank, so ranks keep identical weights
+    state_dict = _gather_full_state_dict(model)  # collective under FSDP2: every rank calls save_sparse
     if not is_main_process():
         return None
-    folder = _write_checkpoint(model, path, tokenizer=tokenizer, compact=compact,
+    folder = _write_checkpoint(model, path, tokenizer=tokenizer, compact=compact, state_dict=state_dict,
                                save_kwargs={"max_shard_size": max_shard_size})
     if push_to_hub:
         _push_folder(folder, repo_id or folder.resolve().name, token=token, private=private,
@@ -737,8 +777,7 @@ def _validate_masks(file: Path, model: nn.Module, config: SparsifyConfig,
         )
     by_name = {}
     for key, module in expected.items():
-        weight = module.weight
-        logical = (weight.shape[1], weight.shape[0]) if not isinstance(module, nn.Linear) else tuple(weight.shape)
+        logical = module.logical_shape if isinstance(module, SparseLayerMixin) else _out_in(module)
         if tuple(masks[key].shape) != tuple(logical):
             raise ValueError(
                 f"{file}: mask {key!r} has logical shape {list(masks[key].shape)} but the model's layer is "
@@ -844,7 +883,6 @@ def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = No
         _fill_compact(model, values)
     state = find_state(model)
     state.loaded_engine_record = record.get("engine")
-    state.checkpoint_path = str(folder)
     return model
 
 

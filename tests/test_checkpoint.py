@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -157,8 +158,14 @@ def test_engine_progress_resumes_exactly(make_tiny_model, tmp_path):
         optimizer.step()
         optimizer.zero_grad()
         engine.step()
-    assert len(engine.history) == 2
+    assert len(engine.history) == 2 and all(stats.layer_density for stats in engine.history)
+    state_dict_calls = []
+    engine_state_dict = engine.state_dict
+    engine.state_dict = lambda **kwargs: state_dict_calls.append(kwargs) or engine_state_dict(**kwargs)
     save_sparse(model, tmp_path)
+    del engine.state_dict
+    assert state_dict_calls == [{"include_masks": False}]  # no mask copies: they go to sparsity.safetensors
+    assert "layer_density" not in (tmp_path / CONFIG_FILE).read_text()
     record = json.loads((tmp_path / CONFIG_FILE).read_text())["engine"]
     assert record["completed_steps"] == 4 and record["total_steps"] == 12
     assert record["target_density"] == pytest.approx(DENSITY) and record["schedule"]["updates_done"] == 2
@@ -167,13 +174,16 @@ def test_engine_progress_resumes_exactly(make_tiny_model, tmp_path):
     expected = engine.state_dict()
     assert state.keys() == expected.keys()
     assert torch.equal(state["generator_state"], expected["generator_state"])
-    assert state["history"] == json.loads(json.dumps(expected["history"]))
+    # the saved history is each update's stats without the per-layer densities
+    without_layers = [{k: v for k, v in stats.items() if k != "layer_density"} for stats in expected["history"]]
+    assert state["history"] == json.loads(json.dumps(without_layers))
     assert all(torch.equal(state["masks"][name], expected["masks"][name]) for name in expected["masks"])
 
     loaded = load_sparse(tmp_path)
     resumed = SparseTrainingEngine(loaded, total_steps=12)
     resumed.load_state_dict(state)
     assert resumed.completed_steps == 4
+    assert [asdict(s) for s in resumed.history] == [{**s, "layer_density": {}} for s in without_layers]
     engine.completed_steps = resumed.completed_steps = 6  # same weights, RNG, step: the next update must agree
     engine.update_topology()
     resumed.update_topology()
@@ -456,3 +466,93 @@ def test_export_compact_and_back(make_tiny_model, tmp_path, capsys):
     assert_same_masks(model, load_sparse(tmp_path / "dense"))
     assert cli_main(["export", str(tmp_path / "src"), str(tmp_path / "dense"), "--format", "dense"]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- FSDP2
+_FSDP_SAVE_SCRIPT = r'''
+import os, socket, sys
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+import torch.distributed as dist
+import transformers
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import hf_chts
+from hf_chts import SparsifyConfig, save_sparse, sparsify
+from hf_chts.layers import sparse_layers
+
+out = sys.argv[1]
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+try:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, bos_token_id=0, eos_token_id=1)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    sparsify(model, SparsifyConfig(method="chtss", target_density=0.3, update_interval=2, seed=0))
+    mesh = init_device_mesh("cpu", (1,))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    engine = hf_chts.SparseTrainingEngine(model, total_steps=10, optimizer=optimizer)
+    for step in range(2):  # one topology update
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(step))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.step()
+    layers = sparse_layers(model)
+    assert all(layer.is_sharded and isinstance(layer.storage_mask(), DTensor) for layer in layers.values())
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    assert not any(isinstance(value, DTensor) for value in full.values())
+    name = "model.layers.0.mlp.up_proj"
+    row, col = (~layers[name].mask).nonzero()[0].tolist()
+    full[name + ".weight"] = full[name + ".weight"].clone()
+    full[name + ".weight"][row, col] = 1.0  # a value at a masked position: the save must zero it
+    model.save_pretrained(os.path.join(out, "hook"), state_dict=full)  # Trainer / accelerate FSDP path
+    save_sparse(model, os.path.join(out, "dense"))
+    save_sparse(model, os.path.join(out, "compact"), compact=True)
+    full[name + ".weight"][row, col] = 0.0
+    from hf_chts.checkpoint import _masked_state_dict  # a sharded (DTensor) state dict is masked shard-wise
+    sharded = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    sharded[name + ".weight"].to_local()[row, col] = 1.0
+    masked = _masked_state_dict(model, sharded)[name + ".weight"]
+    assert isinstance(masked, DTensor) and float(masked.to_local()[row, col]) == 0.0
+    assert torch.equal(masked.full_tensor(), full[name + ".weight"])
+    torch.save({"weights": {n + ".weight": full[n + ".weight"] for n in layers},
+                "masks": {n: layer.mask.clone() for n, layer in layers.items()},
+                "planted": (name, row, col), "steps": engine.completed_steps}, os.path.join(out, "expected.pt"))
+finally:
+    dist.destroy_process_group()
+'''
+
+
+def test_fsdp2_sharded_model_saves_full_checkpoints(tmp_path):
+    """Under FSDP2 the masks are sharded DTensors: saving a full state dict (the Trainer path) and
+    save_sparse (dense and compact) must mask with the full plain masks and write full weights."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fsdp_save.py"
+    script.write_text(_FSDP_SAVE_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    expected = torch.load(tmp_path / "expected.pt")
+    name, row, col = expected["planted"]
+    for folder in ("hook", "dense", "compact"):
+        loaded = load_sparse(tmp_path / folder)
+        layers = sparse_layers(loaded)
+        assert set(layers) == set(expected["masks"])
+        for module, mask in expected["masks"].items():
+            assert torch.equal(layers[module].mask, mask), (folder, module)
+            assert torch.equal(layers[module].weight, expected["weights"][module + ".weight"]), (folder, module)
+        assert float(layers[name].weight.detach()[row, col]) == 0.0
+        assert read_engine_state(tmp_path / folder)["completed_steps"] == expected["steps"]
