@@ -78,7 +78,7 @@ from .architectures import _out_in
 from .config import SparsifyConfig
 from .io_utils import atomic_write_text
 from .layers import SparseLayerMixin, _is_dtensor, sparse_layers
-from .model import find_state, select_modules, sparsify
+from .model import find_state, select_modules, sparsify, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -139,17 +139,8 @@ def _packed_shape(shape: list[int]) -> list[int]:
     return [*shape[:-1], math.ceil(shape[-1] / 8)]
 
 
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    """The innermost model (DDP ``module``, ``torch.compile`` ``_orig_mod``)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module) or inner is model:
-            return model
-        model = inner
-
-
 def _require_pretrained(model: nn.Module) -> nn.Module:
-    model = _unwrap_model(model)
+    model = unwrap_model(model)
     if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
         raise ValueError(
             "save_sparse got a peft model: merge the adapters first with hf_chts.merge_lora(peft_model) "
@@ -410,7 +401,7 @@ def _gather_full_state_dict(model: nn.Module) -> dict | None:
     (``StateDictOptions(full_state_dict=True, cpu_offload=True)``). The
     main-process-only write path then never touches sharded tensors.
     """
-    model = _unwrap_model(model)
+    model = unwrap_model(model)
     if not any(_is_dtensor(param) for param in model.parameters()):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -472,7 +463,7 @@ def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | No
 
     if not is_main_process():
         return None
-    model = _unwrap_model(model)
+    model = unwrap_model(model)
     if find_state(model) is None:
         raise ValueError("this model is not sparsified (no hf_chts state): nothing to write")
     folder = Path(path)
@@ -525,7 +516,7 @@ def install_save_hook(model: nn.Module) -> None:
     ``config.architectures`` and vanilla loading are unaffected); ``deepcopy``
     and pickling rebind it to the copy. Called by :func:`hf_chts.sparsify`.
     """
-    model = _unwrap_model(model)
+    model = unwrap_model(model)
     if not hasattr(type(model), "save_pretrained"):
         return
     if isinstance(model.__dict__.get("save_pretrained"), _SparseSavePretrained):
