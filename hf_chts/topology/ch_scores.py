@@ -52,6 +52,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .common import as_bool_mask
+
 __all__ = ["CH_VARIANTS", "ch_l3n_scores", "ch3_l3_path_scores"]
 
 CH_VARIANTS = ("ch2", "ch3")
@@ -77,7 +79,7 @@ def _check_variant(variant: str) -> str:
 def _check_mask(mask: Tensor) -> Tensor:
     if mask.dim() != 2:
         raise ValueError(f"mask must be 2-D (out × in), got shape {tuple(mask.shape)}")
-    return mask if mask.dtype == torch.bool else mask != 0
+    return as_bool_mask(mask)
 
 
 def _rows_per_chunk(n_rows: int, n_other: int, n_links: int,

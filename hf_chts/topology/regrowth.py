@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from .common import as_bool_mask
 from .ch_scores import ch3_l3_path_scores, ch_l3n_scores
 from .sampling import uniform_sample, weighted_sample_without_replacement
 
@@ -19,10 +20,6 @@ __all__ = ["REGROWTH_METHODS", "SELECTIONS", "regrow", "select_candidates"]
 
 REGROWTH_METHODS = ("ch2_l3n", "ch3_l3n", "ch3_l3", "random", "gradient")
 SELECTIONS = ("soft", "rigid")
-
-
-def _as_bool(mask: Tensor) -> Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def _check_arguments(method: str, selection: str, temperature: float) -> None:
@@ -113,7 +110,7 @@ def regrow(
     (into ``mask.flatten()``) of the grown links.
     """
     _check_arguments(method, selection, temperature)
-    mask = _as_bool(mask)
+    mask = as_bool_mask(mask)
     if mask.dim() != 2:
         raise ValueError(f"mask must be 2-D (out × in), got shape {tuple(mask.shape)}")
     no_growth = torch.empty(0, dtype=torch.long, device=mask.device)

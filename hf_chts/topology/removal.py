@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from .common import as_bool_mask
 from .sampling import weighted_sample_without_replacement
 
 __all__ = [
@@ -29,10 +30,6 @@ def _check_same_shape(weight: Tensor, mask: Tensor) -> None:
         )
 
 
-def _as_bool(mask: Tensor) -> Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
 def removal_importance(weight: Tensor, mask: Tensor, alpha: float, eps: float = 1e-5) -> Tensor:
     """Link importance ``R`` of ALGORITHMS.md §3 (float32, 0 outside the mask).
 
@@ -45,7 +42,7 @@ def removal_importance(weight: Tensor, mask: Tensor, alpha: float, eps: float = 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     magnitude = weight.detach().abs().to(torch.float32)
-    magnitude = torch.where(_as_bool(mask), magnitude, torch.zeros_like(magnitude))
+    magnitude = torch.where(as_bool_mask(mask), magnitude, torch.zeros_like(magnitude))
     row_sums = magnitude.sum(dim=1, keepdim=True)
     col_sums = magnitude.sum(dim=0, keepdim=True)
     row_norm = 2 * alpha + (1 - alpha) * (row_sums + eps)
@@ -72,12 +69,12 @@ def _keepable_importance(weight: Tensor, mask: Tensor, alpha: float) -> Tensor:
     links is unchanged. Dead links stay at 0 and are never selected.
     """
     importance = removal_importance(weight, mask, alpha)
-    live_without_importance = _as_bool(mask) & ~(importance > 0)
+    live_without_importance = as_bool_mask(mask) & ~(importance > 0)
     return importance.masked_fill_(live_without_importance, torch.finfo(torch.float32).tiny)
 
 
 def _check_keep_count(n_keep: int, mask: Tensor) -> None:
-    live = int(_as_bool(mask).sum())
+    live = int(as_bool_mask(mask).sum())
     if not 0 <= n_keep <= live:
         raise ValueError(f"n_keep must be in [0, nnz(mask)={live}], got {n_keep}")
 
