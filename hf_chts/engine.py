@@ -142,7 +142,13 @@ class SparseTrainingEngine:
 
     # ------------------------------------------------------------ optimizer
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Mask gradients before and weights after every step of ``optimizer`` (§1)."""
+        """Keep the masking invariant around every step of ``optimizer`` (§1).
+
+        Gradients are masked before the step (unless the per-parameter hook already
+        did it in a single process); weights are re-masked after the step only for
+        optimizers outside :data:`ZERO_PRESERVING_OPTIMIZERS`. The engine also resets
+        the optimizer state of removed and regrown links at each topology update.
+        """
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         model_params = {id(p) for p in self.model.parameters()}
