@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures import COL_ROLES, ModelTopology, build_topology, get_architecture
+from .architectures import COL_ROLES, ModelTopology, _out_in, build_topology, get_architecture
 from .config import SparsifyConfig
 from .layers import SparseLayerMixin, convert_to_sparse, is_linear_like, sparse_layers
 
@@ -172,8 +172,7 @@ def initial_masks(
         inputs = _capture_layer_inputs(model, modules, calibration_batch)
     for name, module in modules.items():
         info = topology.layers[name]
-        rows, cols = (module.weight.shape[1], module.weight.shape[0]) if not isinstance(module, nn.Linear) else (
-            module.out_features, module.in_features)
+        rows, cols = _out_in(module)
         if density >= 1.0 or config.init == "dense":
             masks[name] = torch.ones(rows, cols, dtype=torch.bool)
             continue
