@@ -29,6 +29,7 @@ except ImportError:  # run as a script: python bench/quality.py
     import _common as common  # type: ignore
 
 ALL_METHODS = ["dense", "set", "rigl", "cht", "chts", "chtss", "gmp"]
+DECAY_METHODS = ("chtss", "gmp")  # start denser than the target; --initial-density applies to these only
 
 PRESETS = {
     # default CPU size: ~1.1 M decoder-linear weights; measured in bench/README.md
@@ -110,10 +111,22 @@ def sparsify_config(args, method: str, density: float, seed: int):
     extra = {}
     if method == "cht" and args.cht_regrowth != "ch3_l3":
         extra["regrowth"] = args.cht_regrowth
+    initial = initial_density(args, method)
+    if initial is not None:
+        extra["initial_density"] = initial
+        if method == "gmp" and initial < 1.0:
+            extra["init"] = "er"  # gmp's preset init 'dense' needs density 1; a sparse start is random (ER)
     return SparsifyConfig(method=method, target_density=density, update_interval=update_interval(args), seed=seed,
                           removal_fraction=args.zeta, **extra)
 
 
+
+
+def initial_density(args, method: str):
+    """--initial-density for the decaying methods (chtss/gmp); None = the preset's (1.0)."""
+    if method in DECAY_METHODS and args.initial_density is not None:
+        return float(args.initial_density)
+    return None
 
 
 def evaluate(model, blocks, batch: int) -> float:
@@ -188,7 +201,8 @@ def run_one(args, data, method: str, density: float, seed: int, progress: bool =
     else:
         report = sparsity_report(model)
         row.update(final_density=report.density, anp=report.anp, updates=len(engine.history),
-                   update_seconds=sum(s.seconds for s in engine.history), regrowth=config.regrowth)
+                   update_seconds=sum(s.seconds for s in engine.history), regrowth=config.regrowth,
+                   initial_density=config.initial_density)
         engine.close()
     return row
 
@@ -217,6 +231,9 @@ def parse_args(argv=None):
     parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 disables)")
     parser.add_argument("--warmup-fraction", type=float, default=0.1)
     parser.add_argument("--val-blocks", type=int, default=64, help="cap on validation blocks (0 = all; default 64 = 8192 tokens)")
+    parser.add_argument("--initial-density", type=float, default=None,
+                        help="start density of chtss/gmp (default: the preset's 1.0 = dense; the CHTss paper uses 0.5); "
+                             "other methods ignore it. gmp below 1.0 starts from a random (ER) mask")
     parser.add_argument("--cht-regrowth", default="ch3_l3", choices=["ch3_l3", "ch3_l3n"],
                         help="CHT's regrowth: path-based ch3_l3 (paper) or node-based ch3_l3n (faster)")
     parser.add_argument("--text-files", nargs="*", default=[])
@@ -256,6 +273,9 @@ def run_key(args, method, density, seed) -> str:
     if args.initializer_range != 0.02:
         extra += f"init{args.initializer_range}"
     regrowth = args.cht_regrowth if method == "cht" else ""
+    initial = initial_density(args, method)
+    if initial is not None and not math.isclose(initial, 1.0):  # 1.0 is the preset: same key as older runs
+        regrowth += f"@{initial:g}"
     return f"{shape}|{extra}|{method}{regrowth}|{1.0 if method == 'dense' else density}|{seed}"
 
 
@@ -265,13 +285,16 @@ def _row_from_record(record: dict) -> dict:
         part = next(p for p in record["key"].split("|") if "lr" in p)
         sparse_lr, dense_lr = part.split("lr", 1)[1].split("wd")[0].split("/")
         row["lr"] = float(dense_lr if row["method"] == "dense" else sparse_lr)
+    if "initial_density" not in row:  # older records: every method ran at its preset's start density
+        row["initial_density"] = 1.0 if row["method"] in DECAY_METHODS + ("dense",) else row["density"]
     return row
 
 
 def summarize(rows: list[dict], reference_dense_lr: float = 1e-3) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["density"], row.get("regrowth", "-"), row.get("lr")), []).append(row)
+        initial = row.get("initial_density", 1.0) if row["method"] in DECAY_METHODS else None
+        groups.setdefault((row["method"], row["density"], row.get("regrowth", "-"), row.get("lr"), initial), []).append(row)
     dense_ppl = None
     dense_keys = [k for k in groups if k[0] == "dense"]
     if dense_keys:
@@ -279,11 +302,11 @@ def summarize(rows: list[dict], reference_dense_lr: float = 1e-3) -> list[dict]:
         dense_ppl = common.mean_std([r["val_ppl"] for k in reference[:1] for r in groups[k]])[0]
     summary = []
     order = {m: i for i, m in enumerate(ALL_METHODS)}
-    for (method, density, regrowth, lr), group in sorted(groups.items(),
-                                                         key=lambda kv: (-kv[0][1], order[kv[0][0]], kv[0][3] or 0)):
+    for (method, density, regrowth, lr, initial), group in sorted(
+            groups.items(), key=lambda kv: (-kv[0][1], order[kv[0][0]], kv[0][3] or 0, -(kv[0][4] or 0))):
         ppl_mean, ppl_std = common.mean_std([r["val_ppl"] for r in group])
         summary.append(dict(
-            method=method, density=density, regrowth=regrowth, lr=lr, seeds=len(group), ppl_mean=ppl_mean, ppl_std=ppl_std,
+            method=method, density=density, regrowth=regrowth, lr=lr, initial_density=initial, seeds=len(group), ppl_mean=ppl_mean, ppl_std=ppl_std,
             ratio_to_dense=ppl_mean / dense_ppl if dense_ppl else float("nan"),
             anp=common.mean_std([r["anp"] for r in group])[0],
             final_density=common.mean_std([r["final_density"] for r in group])[0],
@@ -296,9 +319,16 @@ def summarize(rows: list[dict], reference_dense_lr: float = 1e-3) -> list[dict]:
 
 def format_summary(summary: list[dict], title: str) -> str:
     rows = []
+    # "chtss@0.5": the start density is shown when it is not the preset's 1.0, or when a method appears with several
+    starts = {}
     for s in summary:
+        starts.setdefault(s["method"], set()).add(s.get("initial_density"))
+    for s in summary:
+        initial = s.get("initial_density")
+        show = initial is not None and (not math.isclose(initial, 1.0) or len(starts[s["method"]]) > 1)
         rows.append(dict(
-            method=s["method"] + (" (ch3_l3n)" if s["method"] == "cht" and s["regrowth"] == "ch3_l3n" else "")
+            method=s["method"] + (f"@{initial:.1f}" if show else "")
+            + (" (ch3_l3n)" if s["method"] == "cht" and s["regrowth"] == "ch3_l3n" else "")
             + (f" lr {s['lr']:g}" if s["method"] == "dense" and s.get("lr") else ""),
             density=f"{s['density']:.2f}", seeds=str(s["seeds"]),
             ppl=f"{s['ppl_mean']:.3f} ± {s['ppl_std']:.3f}", ratio=f"{s['ratio_to_dense']:.3f}",
