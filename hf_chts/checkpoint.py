@@ -76,7 +76,7 @@ from torch import nn
 
 from .architectures import _out_in
 from .config import SparsifyConfig
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, looks_like_local_path
 from .layers import SparseLayerMixin, _is_dtensor, sparse_layers
 from .model import find_state, select_modules, sparsify, unwrap_model
 
@@ -716,11 +716,6 @@ def read_engine_state(path: str | os.PathLike, *, revision: str | None = None, t
 
 
 # ================================================================= loading
-def _looks_local(text: str) -> bool:
-    """A path rather than a Hub id (``name`` or ``org/name``)."""
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
-
-
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
                        cache_dir: str | None = None, local_files_only: bool | None = None) -> Path:
     """A local folder for a checkpoint path or a Hub repo id (``snapshot_download``; honours HF_HUB_OFFLINE)."""
@@ -730,7 +725,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     if local.exists():
         raise ValueError(f"{local} is a file; a checkpoint is a folder")
     text = str(path_or_repo_id)
-    if _looks_local(text):
+    if looks_like_local_path(text):
         raise FileNotFoundError(f"checkpoint folder {text} does not exist")
     from huggingface_hub import constants, snapshot_download
 

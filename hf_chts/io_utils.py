@@ -46,3 +46,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def looks_like_local_path(text: str) -> bool:
+    """True for a filesystem path rather than a Hub id (``name`` or ``org/name``).
+
+    Hub ids never start with ``.``, ``/`` or ``~``, hold at most one ``/`` and no ``\\``.
+    """
+    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..config import SparsifyConfig
+from ..io_utils import looks_like_local_path
 from .presets import MODEL_PRESETS, model_settings
 
 SUMMARY_FILE = "run_summary.json"
@@ -495,19 +496,15 @@ def resolve_text_files(patterns: list[str]) -> list[str]:
     return files
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1
-
-
 def check_input_paths(recipe: Recipe) -> None:
     data = recipe.data
     if data.text_files:
         data.text_files = resolve_text_files(data.text_files)
-    if data.dataset and _looks_local(data.dataset) and not os.path.exists(os.path.expanduser(data.dataset)):
+    if data.dataset and looks_like_local_path(data.dataset) and not os.path.exists(os.path.expanduser(data.dataset)):
         raise FileNotFoundError(f"data.dataset: local path {data.dataset!r} does not exist (a Hub dataset is named "
                                 "'org/name', e.g. Skylion007/openwebtext)")
     name = recipe.tokenizer.name
-    if name and _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+    if name and looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
         raise FileNotFoundError(f"tokenizer.name: local path {name!r} does not exist")
 
 
