@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import SparsifyConfig
@@ -214,21 +215,13 @@ class SparseTrainingEngine:
                 grad = layer.full_logical_grad()
                 if grad is not None:
                     self._dense_grads[name] = grad.detach().abs().float().clone()
+        # Distributed runs always re-mask: DDP/FSDP write reduced gradients into ``.grad``
+        # after (or instead of) the per-parameter hook. In one process the hook already did it.
+        distributed = dist.is_available() and dist.is_initialized()
         for layer in self.layers.values():
-            if self._grads_may_be_unmasked(layer):
+            hooked = layer.mask_gradients and getattr(layer.weight, "_hf_chts_layer", None) is layer
+            if distributed or not hooked:
                 layer.mask_grad_()
-
-    @staticmethod
-    def _grads_may_be_unmasked(layer: SparseLayerMixin) -> bool:
-        """False when the layer's gradient hook already masked the gradient of this step.
-
-        Distributed runs always re-mask: DDP/FSDP write reduced gradients into
-        ``.grad`` after (or instead of) the per-parameter hook.
-        """
-        import torch.distributed as dist
-
-        hooked = layer.mask_gradients and getattr(layer.weight, "_hf_chts_layer", None) is layer
-        return not hooked or (dist.is_available() and dist.is_initialized())
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         for layer in self.layers.values():
@@ -396,8 +389,6 @@ class SparseTrainingEngine:
 
     def verify_masks_across_ranks(self) -> None:
         """Raise ``RuntimeError`` if the masks differ between distributed ranks (debug / tests)."""
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         local = self.mask_checksum()
