@@ -57,8 +57,11 @@ def fmt(value, spec: str = ".4g") -> str:
     return format(value, spec)
 
 
-def table(rows: list[dict], columns: list[tuple[str, str]], title: str | None = None) -> str:
-    """Aligned text table. ``columns`` = [(key, header)]; values are pre-formatted strings or numbers."""
+def table(rows: list[dict], columns: list[tuple[str, str]], title: str | None = None, left: int = 1) -> str:
+    """Aligned text table. ``columns`` = [(key, header)]; values are pre-formatted strings or numbers.
+
+    The first ``left`` columns are left-aligned, the others right-aligned.
+    """
     cells = [[fmt(row.get(key)) if not isinstance(row.get(key), str) else row.get(key) for key, _ in columns]
              for row in rows]
     headers = [header for _, header in columns]
@@ -66,10 +69,12 @@ def table(rows: list[dict], columns: list[tuple[str, str]], title: str | None = 
     lines = []
     if title:
         lines.append(title)
-    lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths))))
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    lines.append(line(headers))
     lines.append("  ".join("-" * w for w in widths))
-    for c in cells:
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
+    lines.extend(line(c) for c in cells)
     return "\n".join(lines)
 
 
