@@ -113,6 +113,15 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def release(device) -> None:
+    """Free the previous section's device memory (models and engines hold reference cycles)."""
+    import torch
+
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 # ------------------------------------------------------------ invariants
 def storage_masks(engine) -> dict:
     """Each sparsified layer's mask in its weight's layout (LLaMA: nn.Linear, out x in)."""
@@ -264,15 +273,13 @@ def train_run(setup: dict, device, dtype, steps: int, sparse: bool) -> dict:
                       final_density=engine.density(), target=config.target_density, layers=len(engine.layers),
                       device=str(next(iter(engine.layers.values())).mask.device))
         engine.close()
-    del model, optimizer, engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
 def median_step_s(run: dict) -> float:
     times = run["step_s"]
+    if not times:
+        raise ValueError("every step of the run was a topology update; use a larger --update-interval")
     return statistics.median(times[min(3, len(times) - 1):])  # the first steps allocate and warm up
 
 
@@ -280,6 +287,7 @@ def sparse_rows(run: dict, steps: int) -> list[Check]:
     losses = run["losses"]
     tail = losses[-max(1, len(losses) // 10):]
     updates = run["updates"]
+    decreasing = all(later <= earlier for (_, earlier, _), (_, later, _) in zip(updates, updates[1:]))
     densities = " ".join(f"{d:.3f}" for _, _, d in updates[:8]) + (" ..." if len(updates) > 8 else "")
     return [
         Check("bf16 CHTss run: loss finite", passed(all(map(math.isfinite, losses))),
@@ -287,7 +295,7 @@ def sparse_rows(run: dict, steps: int) -> list[Check]:
         Check("bf16 CHTss run: loss decreases", passed(statistics.mean(tail) < losses[0]),
               f"last {len(tail)} mean {statistics.mean(tail):.3f}", "synthetic arithmetic-progression tokens"),
         Check("CHTss: density follows schedule",
-              passed(len(updates) == run["expected_updates"] > 0 and run["max_deviation"] <= 0.5),
+              passed(len(updates) == run["expected_updates"] > 0 and run["max_deviation"] <= 0.5 and decreasing),
               f"{len(updates)}/{run['expected_updates']} updates", f"max |links - d_t n| {run['max_deviation']:.1f}; "
               f"density {densities}"),
         Check("CHTss: final density = target", passed(run["final_deviation"] <= 0.5),
@@ -334,22 +342,29 @@ def run_checks(args) -> list[Check]:
                       f"torch {torch.__version__}, cuda {torch.version.cuda}")]
     else:
         rows = [Check("device", "PASS", str(device), f"torch {torch.__version__}")]
-    setup = load_setup(args)
-    sections = {"engine": lambda: check_engine(setup, device, dtype),
-                "dense run": lambda: train_run(setup, device, dtype, args.dense_steps, sparse=False),
-                "CHTss run": lambda: train_run(setup, device, dtype, args.steps, sparse=True)}
-    results = {}
-    for name, section in sections.items():
+
+    def attempt(name: str, section):
+        """``section()``, or None and a FAIL row when it raises (a typo on the device must still leave a table)."""
         try:
-            results[name] = section()
-        except Exception as error:  # a typo on the device must still leave a table
+            return section()
+        except Exception as error:
             traceback.print_exc(file=sys.stderr)
-            rows.append(Check(name, "FAIL", f"{type(error).__name__}", str(error).splitlines()[0][:120]))
-    rows += results.get("engine", [])
-    if "CHTss run" in results:
-        rows += sparse_rows(results["CHTss run"], args.steps)
-    if "CHTss run" in results and "dense run" in results:
-        rows += comparison_rows(results["CHTss run"], results["dense run"], args)
+            message = str(error).splitlines()[0][:120] if str(error) else ""
+            rows.append(Check(name, "FAIL", type(error).__name__, message))
+            return None
+        finally:
+            release(device)
+
+    setup = attempt("recipe", lambda: load_setup(args))
+    if setup is None:
+        return rows
+    rows += attempt("engine", lambda: check_engine(setup, device, dtype)) or []
+    dense = attempt("dense run", lambda: train_run(setup, device, dtype, args.dense_steps, sparse=False))
+    sparse = attempt("CHTss run", lambda: train_run(setup, device, dtype, args.steps, sparse=True))
+    if sparse is not None:
+        rows += attempt("CHTss rows", lambda: sparse_rows(sparse, args.steps)) or []
+    if sparse is not None and dense is not None:
+        rows += attempt("sparse vs dense", lambda: comparison_rows(sparse, dense, args)) or []
     return rows
 
 
