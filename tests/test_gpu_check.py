@@ -14,6 +14,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 TINY_ARGS = ["--device", "cpu", "--tiny", "--steps", "8", "--dense-steps", "4", "--update-interval", "2",
+             "--threads", "0",  # leave the test process's thread count alone
              "--max-step-ratio", "inf"]  # step time on a shared CPU is no test (benchmarks measure it)
 ROWS = ["device", "engine: masks on device", "engine: one topology update", "CH2-L3n scores: cpu == cpu",
         "CH3-L3n scores: cpu == cpu", "bf16 CHTss run: loss finite", "bf16 CHTss run: loss decreases",
