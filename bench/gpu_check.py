@@ -213,8 +213,8 @@ def check_engine(setup: dict, device, dtype) -> list[Check]:
         chunked = ch_l3n_scores(mask, variant, chunk_rows=max(1, mask.shape[0] // 4))
         error = max(float((scores.cpu() - reference).abs().max()) for scores in (whole, chunked))
         on_device = whole.device.type == device.type and chunked.device.type == device.type
-        rows.append(Check(f"{variant.upper()}-L3n scores: {device.type} == cpu", passed(on_device and error <= 1e-5 * scale),
-                          f"max |diff| {error:.2e}",
+        ok = on_device and error <= 1e-5 * scale
+        rows.append(Check(f"{variant.upper()}-L3n scores: {device.type} == cpu", passed(ok), f"max |diff| {error:.2e}",
                           f"{name} {tuple(mask.shape)}, whole and 4 row chunks, scores up to {scale:.3g}"))
     engine.close()
     return rows
@@ -319,7 +319,8 @@ def comparison_rows(sparse: dict, dense: dict, args) -> list[Check]:
         rows.append(Check("peak memory sparse / dense", "n/a", "n/a", "measured on cuda only"))
     update_s = statistics.mean(sparse["update_s"]) if sparse["update_s"] else float("nan")
     rows.append(Check("step time sparse / dense", passed(step_ratio <= args.max_step_ratio), f"{step_ratio:.3f}x",
-                      f"median {sparse_s * 1e3:.1f} / {dense_s * 1e3:.1f} ms without update (max {args.max_step_ratio}x); "
+                      f"median {sparse_s * 1e3:.1f} / {dense_s * 1e3:.1f} ms without update "
+                      f"(max {args.max_step_ratio}x); "
                       f"update steps {update_s:.2f} s each"))
     return rows
 
