@@ -34,8 +34,9 @@ from torch import nn
 
 from .config import SparsifyConfig
 from .layers import SparseLayerMixin, sparse_layers
-from .model import find_state, sparsify, unwrap_model
+from .model import sparsify
 from .schedules import SparseSchedule, lr_rewarmup_multiplier
+from .state import find_state, unwrap_model
 from .topology.init import allocate_links, count_links
 from .topology.percolation import active_neurons, percolate
 from .topology.regrowth import regrow

@@ -19,7 +19,7 @@ from hf_chts.checkpoint import (
 )
 from hf_chts.cli import main as cli_main
 from hf_chts.layers import sparse_layers
-from hf_chts.model import find_state
+from hf_chts.state import find_state
 
 DENSITY = 0.3
 
@@ -196,7 +196,7 @@ def test_engine_progress_resumes_exactly(make_tiny_model, tmp_path):
 
 
 def test_only_the_main_process_writes(make_tiny_model, tmp_path, monkeypatch):
-    import hf_chts.checkpoint as checkpoint
+    import hf_chts.checkpointing.saving as checkpoint
 
     model = sparse_trained(make_tiny_model, "llama")
     monkeypatch.setattr(checkpoint, "is_main_process", lambda: False)
@@ -290,7 +290,7 @@ def test_missing_mask_file_loads_dense_with_warning(make_tiny_model, tmp_path, c
 
 
 def test_failed_save_keeps_previous_checkpoint(make_tiny_model, tmp_path, monkeypatch):
-    import hf_chts.checkpoint as checkpoint
+    import hf_chts.checkpointing.saving as checkpoint
 
     model = sparse_trained(make_tiny_model, "llama")
     save_sparse(model, tmp_path)
@@ -304,11 +304,11 @@ def test_failed_save_keeps_previous_checkpoint(make_tiny_model, tmp_path, monkey
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    for target in ("_mask_entries", "_compact_split"):  # after / before the weights were written
+    for target in ("mask_entries", "compact_split"):  # after / before the weights were written
         with monkeypatch.context() as patch:
             patch.setattr(checkpoint, target, explode)
             with pytest.raises(RuntimeError, match="disk full"):
-                save_sparse(model, tmp_path, compact=target == "_compact_split")
+                save_sparse(model, tmp_path, compact=target == "compact_split")
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
         reloaded = load_sparse(tmp_path).eval()
         assert torch.equal(logits(reloaded), before)
@@ -519,10 +519,10 @@ try:
     save_sparse(model, os.path.join(out, "dense"))
     save_sparse(model, os.path.join(out, "compact"), compact=True)
     full[name + ".weight"][row, col] = 0.0
-    from hf_chts.checkpoint import _masked_state_dict  # a sharded (DTensor) state dict is masked shard-wise
+    from hf_chts.checkpointing.saving import masked_state_dict  # a sharded (DTensor) state dict is masked shard-wise
     sharded = {key: value.detach().clone() for key, value in model.state_dict().items()}
     sharded[name + ".weight"].to_local()[row, col] = 1.0
-    masked = _masked_state_dict(model, sharded)[name + ".weight"]
+    masked = masked_state_dict(model, sharded)[name + ".weight"]
     assert isinstance(masked, DTensor) and float(masked.to_local()[row, col]) == 0.0
     assert torch.equal(masked.full_tensor(), full[name + ".weight"])
     torch.save({"weights": {n + ".weight": full[n + ".weight"] for n in layers},

@@ -104,7 +104,7 @@ def test_hf_chts_eval_reports_scores_density_and_anp(workspace, hf_chts_results,
 
 
 def test_evaluate_model_in_memory_and_off_main(workspace, hf_chts_results, monkeypatch):
-    import hf_chts.checkpoint as checkpoint
+    import hf_chts.checkpointing.saving as checkpoint
 
     results = evaluate_model(workspace["model"], workspace["tokenizer"], [CHOICE], include_path=workspace["tasks"],
                              batch_size=4, limit=int(LIMIT))

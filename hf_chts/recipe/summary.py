@@ -165,7 +165,8 @@ def _save_gathered(model, full_state_dict: dict, final_dir: Path, tokenizer) -> 
     holds) through the class's ``save_pretrained``; ``write_sparsity_files`` adds
     ``sparsity.safetensors`` and ``sparsify_config.json`` from the full masks.
     """
-    from ..checkpoint import weight_key, write_sparsity_files
+    from ..checkpointing.format import weight_key
+    from ..checkpointing.saving import write_sparsity_files
     from ..layers import sparse_layers
 
     state = dict(full_state_dict)
