@@ -306,10 +306,9 @@ class SparsifyConfig:
         known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
         unknown = sorted(set(data) - known)
         if unknown:
-            import difflib
+            from .suggest import did_you_mean
 
-            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
-                     for k in unknown]
+            hints = [f"{k!r}{did_you_mean(k, known)}" for k in unknown]
             raise ValueError(f"unknown SparsifyConfig field(s): {', '.join(hints)}")
         values = {k: (math.inf if v == "inf" else v) for k, v in data.items()}
         return cls(**values)

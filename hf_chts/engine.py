@@ -37,7 +37,7 @@ from .layers import SparseLayerMixin, sparse_layers
 from .model import sparsify
 from .schedules import SparseSchedule, lr_rewarmup_multiplier
 from .state import find_state, unwrap_model
-from .topology.init import allocate_links, count_links
+from .topology.budgets import allocate_links, count_links
 from .topology.percolation import active_neurons, percolate
 from .topology.regrowth import regrow
 from .topology.removal import prune_to_count, soft_removal

@@ -130,7 +130,8 @@ def initial_masks(
     model: nn.Module, config: SparsifyConfig, topology: ModelTopology, modules: dict[str, nn.Module], calibration_batch=None
 ) -> dict[str, torch.Tensor]:
     """Initial topology of every selected layer (ALGORITHMS.md §2), exact link counts per row block."""
-    from .topology.init import allocate_links, build_mask, count_links
+    from .topology.budgets import allocate_links, count_links
+    from .topology.init import build_mask
 
     masks: dict[str, torch.Tensor] = {}
     density = config.initial_density
@@ -174,7 +175,7 @@ def initial_masks(
 
 def _resort_mlp_chains(masks: dict[str, torch.Tensor], topology: ModelTopology) -> None:
     """Apply BSF neuron resorting to every MLP chain (gate/up or fc_in rows -> down/fc_out columns)."""
-    from .topology.init import resort_by_degree
+    from .topology.bsf import resort_by_degree
 
     for chain in topology.mlp:
         if not all(ref.layer in masks for ref in [*chain.inputs, chain.output]):
@@ -222,7 +223,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
     for name, module in modules.items():
         layer = convert_to_sparse(module, name, masks[name])
         if config.reinit_weights and not bool(layer.mask.all()):
-            from .topology.init import reinit_sparse_weight_
+            from .weight_init import reinit_sparse_weight_
 
             # SWI relative to the model's own init: std_dense·sqrt(in_features / live fan-in) per row
             with torch.no_grad():

@@ -643,7 +643,7 @@ def test_train_command_checks_the_output_folder_once(tmp_path, monkeypatch):
     write_corpus(tmp_path / "corpus")
     path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path))
     calls = []
-    real_check = R.schema.check_output_dir
+    real_check = R.paths.check_output_dir
 
     def check_output_dir(recipe):
         calls.append(recipe.output_dir)

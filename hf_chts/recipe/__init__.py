@@ -16,8 +16,9 @@ Every input problem (missing file, unknown key, output folder holding another
 run) is raised as ``FileNotFoundError`` / ``ValueError`` / ``FileExistsError``
 before anything is trained or written.
 
-The pipeline is split by job: ``schema`` (recipe sections, validation, overrides,
-input/output paths), ``data`` (corpus, BPE tokenizer, packed blocks), ``presets``
+The pipeline is split by job: ``schema`` (recipe sections and their keys),
+``validation`` (types and cross-field rules), ``overrides`` (``--section.key value``),
+``loading`` (a recipe file -> a validated recipe), ``paths`` (input files, output folder), ``data`` (corpus, BPE tokenizer, packed blocks), ``presets``
 and ``models`` (architecture, parameter counts, the model), ``trainer``
 (TrainingArguments, Trainer), ``summary`` (end-of-run evaluation, summary, plot)
 and ``run`` (the whole run, ``hf-chts train``). Everything is re-exported here.
@@ -40,6 +41,9 @@ from .data import (
 from .models import build_model, configure_torch, model_config, parameter_count
 from .presets import MODEL_PRESETS, model_settings
 from .run import last_checkpoint, run_recipe, train_command
+from .loading import load_recipe
+from .overrides import apply_overrides, parse_overrides
+from .paths import check_input_paths, check_output_dir, prepare_output_dir, resolve_text_files
 from .schema import (
     BUILTIN_CORPORA,
     RECIPE_COPY,
@@ -52,16 +56,9 @@ from .schema import (
     Recipe,
     RunSection,
     TokenizerSection,
-    apply_overrides,
-    check_input_paths,
-    check_output_dir,
-    load_recipe,
-    parse_overrides,
-    prepare_output_dir,
-    recipe_from_dict,
-    resolve_text_files,
     sparsify_config,
 )
+from .validation import recipe_from_dict
 from .summary import (
     FINAL_DIR,
     PLOT_FILE,
