@@ -220,7 +220,7 @@ class SparseTrainingEngine:
         # after (or instead of) the per-parameter hook. In one process the hook already did it.
         distributed = dist.is_available() and dist.is_initialized()
         for layer in self.layers.values():
-            hooked = layer.mask_gradients and getattr(layer.weight, "_hf_chts_layer", None) is layer
+            hooked = layer.mask_gradients and layer.has_grad_hook
             if distributed or not hooked:
                 layer.mask_grad_()
 
@@ -357,7 +357,7 @@ class SparseTrainingEngine:
         layer.set_mask(new_mask)
         keep = (new_mask & ~grown).to(layer.mask.device)  # surviving links keep weight and moments
         weight = layer.weight
-        weight_keep = layer.shard_like_weight((keep.t() if layer.transposed else keep).to(weight.dtype))
+        weight_keep = layer.shard_like_weight(layer.storage_view(keep).to(weight.dtype))
         weight.mul_(weight_keep)  # regrown links start at 0
         if self.optimizer is not None:
             for value in self.optimizer.state.get(weight, {}).values():

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures import COL_ROLES, ModelTopology, _out_in, build_topology, get_architecture
+from .architectures import COL_ROLES, ModelTopology, build_topology, get_architecture
 from .checkpointing.saving import install_save_hook
 from .config import SparsifyConfig
-from .layers import convert_to_sparse, is_linear_like, sparse_layers
+from .layers import convert_to_sparse, is_linear_like, logical_shape_of, sparse_layers
 from .state import (  # noqa: F401 - find_state, unwrap_model, is_sparsified: also importable from here
     SparseModelState, attach_state, find_state, is_sparsified, unwrap_model,
 )
@@ -144,7 +144,7 @@ def initial_masks(
         inputs = _capture_layer_inputs(model, modules, calibration_batch)
     for name, module in modules.items():
         info = topology.layers[name]
-        rows, cols = _out_in(module)
+        rows, cols = logical_shape_of(module)
         if density >= 1.0 or config.init == "dense":
             masks[name] = torch.ones(rows, cols, dtype=torch.bool)
             continue

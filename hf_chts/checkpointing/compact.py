@@ -37,7 +37,7 @@ def compact_split(model: nn.Module, state_dict: dict | None) -> tuple[dict, dict
         if stored is None:  # full weight, gathered across ranks when FSDP sharded it
             logical = getattr(layer, "full_logical_weight", layer.logical_weight)()
         else:
-            logical = stored.t() if layer.transposed else stored
+            logical = layer.logical_view(stored)
         live = logical.detach()[layer.mask.to(logical.device)].cpu().contiguous()
         values[key] = live
         shapes[key] = list(layer.mask.shape)

@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..architectures import _out_in
 from ..config import SparsifyConfig
 from ..io_utils import looks_like_local_path
-from ..layers import SparseLayerMixin
+from ..layers import logical_shape_of
 from ..model import select_modules, sparsify
 from ..state import find_state
 from .compact import fill_compact, read_compact_values
@@ -74,7 +73,7 @@ def validate_masks(file: Path, model: nn.Module, config: SparsifyConfig,
         )
     by_name = {}
     for key, module in expected.items():
-        logical = module.logical_shape if isinstance(module, SparseLayerMixin) else _out_in(module)
+        logical = logical_shape_of(module)
         if tuple(masks[key].shape) != tuple(logical):
             raise ValueError(
                 f"{file}: mask {key!r} has logical shape {list(masks[key].shape)} but the model's layer is "

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..io_utils import atomic_path, atomic_write_text
-from ..layers import _is_dtensor, sparse_layers
+from ..layers import is_dtensor, sparse_layers
 from ..state import find_state, unwrap_model
 from ..version import __version__
 from .compact import compact_split
@@ -142,9 +142,9 @@ def masked_state_dict(model: nn.Module, state_dict: dict | None) -> dict | None:
         if tensor is None or not torch.is_tensor(tensor) or tensor.shape != layer.weight.shape:
             logger.warning("hf_chts: cannot re-apply the mask of %r to the given state_dict (key missing or resharded)", key)
             continue
-        if _is_dtensor(tensor):  # a sharded state dict: mask each rank's shard with the mask shard (local ops)
+        if is_dtensor(tensor):  # a sharded state dict: mask each rank's shard with the mask shard (local ops)
             keep = layer.storage_mask()
-            if not (_is_dtensor(keep) and keep.device_mesh == tensor.device_mesh
+            if not (is_dtensor(keep) and keep.device_mesh == tensor.device_mesh
                     and keep.placements == tensor.placements):
                 logger.warning("hf_chts: cannot re-apply the mask of %r to the given state_dict (sharded unlike the "
                                "weight)", key)
@@ -158,7 +158,7 @@ def masked_state_dict(model: nn.Module, state_dict: dict | None) -> dict | None:
                                                      shape=tensor.shape, stride=tensor.stride())
             continue
         # the full plain mask in storage layout: under FSDP2 storage_mask() is a DTensor shard
-        keep = (layer.mask.t() if layer.transposed else layer.mask).to(tensor.device)
+        keep = layer.storage_view(layer.mask).to(tensor.device)
         if bool((tensor.detach()[~keep] != 0).any()):
             state_dict[key] = tensor.detach() * keep.to(tensor.dtype)
     return state_dict
@@ -256,7 +256,7 @@ def _gather_full_state_dict(model: nn.Module) -> dict | None:
     main-process-only write path then never touches sharded tensors.
     """
     model = unwrap_model(model)
-    if not any(_is_dtensor(param) for param in model.parameters()):
+    if not any(is_dtensor(param) for param in model.parameters()):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -173,7 +173,7 @@ def _save_gathered(model, full_state_dict: dict, final_dir: Path, tokenizer) -> 
     for name, layer in sparse_layers(model).items():
         key = weight_key(name)
         tensor = state.get(key)
-        keep = layer.mask.t() if layer.transposed else layer.mask
+        keep = layer.storage_view(layer.mask)
         if torch.is_tensor(tensor) and tensor.shape == keep.shape:
             state[key] = tensor * keep.to(device=tensor.device, dtype=tensor.dtype)
         else:
