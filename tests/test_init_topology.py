@@ -19,7 +19,7 @@ import torch
 
 from hf_chts.topology.budgets import allocate_links, count_links
 from hf_chts.topology.bsf import bsf_mask
-from hf_chts.topology.init import DEGREE_MODES, METHODS, brf_mask, bsw_mask, build_mask, csti_mask, er_mask
+from hf_chts.topology.init import DEGREE_MODES, INIT_METHODS, brf_mask, bsw_mask, build_mask, csti_mask, er_mask
 from hf_chts.weight_init import reinit_sparse_weight_
 
 
@@ -476,7 +476,7 @@ def test_builders_reject_bad_link_counts_and_parameters():
         bsw_mask(3, 3, 4, 2.0, gen())
     with pytest.raises(ValueError, match="degree_mode"):
         brf_mask(3, 3, 4, 0.5, "normal", gen())
-    assert set(METHODS) == {"er", "bsw", "brf", "bsf", "csti", "dense"}
+    assert set(INIT_METHODS) == {"er", "bsw", "brf", "bsf", "csti", "dense"}
 
 
 # ---------------------------------------------------------------- speed

@@ -43,7 +43,7 @@ from .common import (
 )
 
 __all__ = [
-    "METHODS",
+    "INIT_METHODS",
     "DEGREE_MODES",
     "build_mask",
     "er_mask",
@@ -54,7 +54,7 @@ __all__ = [
     "dense_mask",
 ]
 
-METHODS: tuple[str, ...] = ("er", "bsw", "brf", "bsf", "csti", "dense")
+INIT_METHODS: tuple[str, ...] = ("er", "bsw", "brf", "bsf", "csti", "dense")
 
 
 DEGREE_MODES: tuple[str, ...] = ("uniform", "fixed")
@@ -86,8 +86,8 @@ def build_mask(
             ``degree_mode`` not in ``DEGREE_MODES``, non-positive sizes, and
             for ``csti`` a missing or mis-shaped ``calibration_inputs``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method not in INIT_METHODS:
+        raise ValueError(f"method must be one of {', '.join(INIT_METHODS)}; got {method!r}")
     check_shape(out_features, in_features)
     check_density(density)
     check_unit_interval("beta", beta)
