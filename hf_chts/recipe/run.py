@@ -12,7 +12,7 @@ from .models import build_model, configure_torch
 from .loading import load_recipe
 from .paths import check_output_dir, prepare_output_dir
 from .schema import Recipe, sparsify_config
-from .summary import finish_run
+from .finish import finish_run
 from .trainer import build_trainer, make_callback, training_arguments
 
 
