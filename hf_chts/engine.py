@@ -256,9 +256,6 @@ class SparseTrainingEngine:
         self._prepare_next_step()
         return stats
 
-    def is_update_step(self, step: int) -> bool:
-        return self.schedule.is_update_step(step)
-
     # ---------------------------------------------------------------- update
     @torch.no_grad()
     def update_topology(self) -> UpdateStats:

@@ -269,7 +269,7 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _default_output(checkpoint: str, folder: Path) -> Path:
+def _default_output(checkpoint: str) -> Path:
     if Path(checkpoint).expanduser().is_dir():
         return Path(checkpoint).expanduser() / "eval_results.json"
     return Path.cwd() / f"eval_results_{checkpoint.replace('/', '__')}.json"
@@ -295,7 +295,7 @@ def eval_command(args) -> int:
         return 0
     results = jsonable_results(results)
     results["hf_chts"]["checkpoint"] = str(args.checkpoint)
-    output = Path(args.output) if args.output else _default_output(str(args.checkpoint), folder)
+    output = Path(args.output) if args.output else _default_output(str(args.checkpoint))
     atomic_write_text(output, json.dumps(results, indent=2, allow_nan=True) + "\n")
     print(results_table(results))
     print(f"results written to {output}")

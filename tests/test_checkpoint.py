@@ -453,6 +453,26 @@ def test_inspect_prints_layer_densities(make_tiny_model, tmp_path, capsys):
     assert "ANP" in table and SPARSITY_FILE in table
 
 
+def test_inspect_refuses_masks_that_do_not_fit_the_stored_config(make_tiny_model, tmp_path, capsys, monkeypatch):
+    """A mismatch is the user's error (exit 2, file named); an architecture that cannot be built only warns."""
+    model = sparse_trained(make_tiny_model, "llama")
+    save_sparse(model, tmp_path)
+    record = json.loads((tmp_path / CONFIG_FILE).read_text())
+    record["config"]["exclude_modules"] = ["o_proj"]  # the o_proj masks now match no sparsified layer
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
+    assert cli_main(["inspect", str(tmp_path)]) == 2
+    assert SPARSITY_FILE in capsys.readouterr().err
+
+    import hf_chts.checkpointing.tools as tools
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tools, "_meta_topology", offline)
+    info = tools.inspect_checkpoint(tmp_path)
+    assert info["anp"] is None and info["density"] == pytest.approx(sparsity_report(model).density)
+
+
 def test_export_compact_and_back(make_tiny_model, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

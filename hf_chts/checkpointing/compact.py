@@ -35,7 +35,7 @@ def compact_split(model: nn.Module, state_dict: dict | None) -> tuple[dict, dict
         key = weight_key(name)
         stored = full.pop(key, None)
         if stored is None:  # full weight, gathered across ranks when FSDP sharded it
-            logical = getattr(layer, "full_logical_weight", layer.logical_weight)()
+            logical = layer.full_logical_weight()
         else:
             logical = layer.logical_view(stored)
         live = logical.detach()[layer.mask.to(logical.device)].cpu().contiguous()

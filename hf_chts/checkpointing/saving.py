@@ -89,20 +89,19 @@ def _engine_record(model: nn.Module) -> dict | None:
     if engine is None:
         return state.loaded_engine_record
     record = encode_engine_state(engine.state_dict(include_masks=False))  # masks: sparsity.safetensors
-    schedule = getattr(engine, "schedule", None)
+    schedule = engine.schedule
     step = int(record.get("completed_steps", 0))
-    if schedule is not None:
-        updates = schedule.update_steps()
-        record["target_density"] = float(schedule.density_at(step))
-        record["schedule"] = {
-            "kind": schedule.kind,
-            "update_interval": schedule.update_interval,
-            "update_end": schedule.update_end,
-            "updates_done": sum(1 for s in updates if s <= step),
-            "updates_total": len(updates),
-            "next_update_step": next((s for s in updates if s > step), None),
-            "progress": step / schedule.total_steps if schedule.total_steps else 1.0,
-        }
+    updates = schedule.update_steps()
+    record["target_density"] = float(schedule.density_at(step))
+    record["schedule"] = {
+        "kind": schedule.kind,
+        "update_interval": schedule.update_interval,
+        "update_end": schedule.update_end,
+        "updates_done": sum(1 for s in updates if s <= step),
+        "updates_total": len(updates),
+        "next_update_step": next((s for s in updates if s > step), None),
+        "progress": step / schedule.total_steps if schedule.total_steps else 1.0,
+    }
     return record
 
 

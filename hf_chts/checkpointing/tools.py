@@ -53,9 +53,10 @@ def inspect_checkpoint(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> dict
             active, total = active_neurons(by_name, topology)
         active_total = (sum(active.values()), sum(total.values()))
         anp = active_total[0] / active_total[1] if active_total[1] else 1.0
-    except ValueError:
-        raise
-    except Exception as error:  # architecture cannot be built offline: densities only
+    except Exception as error:
+        if isinstance(error, ValueError):  # masks that do not fit the stored config: the user's error, shown
+            raise
+        # the architecture cannot be built (e.g. offline without its config code): densities only
         logger.warning("hf_chts inspect: cannot build the architecture for ANP (%s)", error)
     live_total = sum(int(m.sum()) for m in masks.values())
     links_total = sum(m.numel() for m in masks.values())
