@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hf_chts"
 MAX_LINES = 500
@@ -134,6 +136,7 @@ def test_no_module_exceeds_the_line_limit():
     assert not too_long, f"modules over {MAX_LINES} lines: {too_long}"
 
 
+@pytest.mark.slow  # a subprocess
 def test_every_module_imports_in_a_fresh_interpreter():
     """Each module imported first in a clean state (a loop only shows when its module is imported first)."""
     script = (
