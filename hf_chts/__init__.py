@@ -7,9 +7,9 @@ Public API::
 """
 
 from .config import SparsifyConfig
-from .model import SparsityReport, is_sparsified, sparsify, sparsity_report
-
-__version__ = "0.1.0"
+from .model import SparsityReport, sparsify, sparsity_report
+from .state import is_sparsified
+from .version import __version__
 
 __all__ = [
     "SparsifyConfig",
@@ -36,10 +36,14 @@ def __getattr__(name):  # lazy imports keep `import hf_chts` light
         from .callback import CHTssTrainerCallback
 
         return CHTssTrainerCallback
-    if name in ("save_sparse", "load_sparse", "read_engine_state", "merge_lora"):
+    if name in ("save_sparse", "load_sparse", "read_engine_state"):
         from . import checkpoint
 
         return getattr(checkpoint, name)
+    if name == "merge_lora":
+        from .lora import merge_lora
+
+        return merge_lora
     if name == "evaluate_model":
         from .evaluation import evaluate_model
 

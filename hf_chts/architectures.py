@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .layers import logical_shape_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -268,14 +270,6 @@ def get_architecture(model_type: str | None) -> ArchitectureSpec | None:
     return ARCHITECTURES.get(model_type or "")
 
 
-def _out_in(module: nn.Module) -> tuple[int, int]:
-    """Logical (out, in) shape of a linear-like module (Conv1D stores in x out)."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    weight = module.weight
-    return weight.shape[1], weight.shape[0]  # transformers Conv1D: (in, out)
-
-
 def _split_fused(role: str, out_features: int, geometry: HeadGeometry, spec: ArchitectureSpec) -> list[RowBlock]:
     if role == "qkv":
         q, k, v = qkv_row_blocks(geometry, spec.qkv_layout)
@@ -299,7 +293,7 @@ def build_topology(model: nn.Module, selected: dict[str, nn.Module]) -> ModelTop
     layers: dict[str, SparseLayerInfo] = {}
     if spec is None:
         for name, module in selected.items():
-            out_features, _ = _out_in(module)
+            out_features, _ = logical_shape_of(module)
             layers[name] = SparseLayerInfo(name, "linear", None, [RowBlock("linear", torch.arange(out_features))])
         return ModelTopology(model_type or "unknown", layers, [], [], known_architecture=False)
 
@@ -315,7 +309,7 @@ def build_topology(model: nn.Module, selected: dict[str, nn.Module]) -> ModelTop
                 if match:
                     role, block_prefix, block_idx = candidate_role, prefix, int(match.group(1))
                     break
-        out_features, _ = _out_in(module)
+        out_features, _ = logical_shape_of(module)
         blocks = _split_fused(role, out_features, geometry, spec)
         layers[name] = SparseLayerInfo(name, role, block_idx, blocks)
         if block_prefix is not None:
@@ -358,7 +352,7 @@ def build_topology(model: nn.Module, selected: dict[str, nn.Module]) -> ModelTop
                 )
             )
         elif all(r in roles for r in ("gate", "up", "down")):
-            ffn = _out_in(selected[roles["gate"]])[0]
+            ffn = logical_shape_of(selected[roles["gate"]])[0]
             mlp.append(
                 MLPCoupling(
                     [NeuronRef(roles["gate"], "row", torch.arange(ffn)), NeuronRef(roles["up"], "row", torch.arange(ffn))],
@@ -366,7 +360,7 @@ def build_topology(model: nn.Module, selected: dict[str, nn.Module]) -> ModelTop
                 )
             )
         elif "fc_in" in roles and "fc_out" in roles:
-            ffn = _out_in(selected[roles["fc_in"]])[0]
+            ffn = logical_shape_of(selected[roles["fc_in"]])[0]
             mlp.append(
                 MLPCoupling([NeuronRef(roles["fc_in"], "row", torch.arange(ffn))], NeuronRef(roles["fc_out"], "col", torch.arange(ffn)))
             )

@@ -26,7 +26,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import SparsifyConfig
 from .engine import SparseTrainingEngine
-from .model import find_state, sparsify
+from .model import sparsify
+from .state import find_state
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class CHTssTrainerCallback(TrainerCallback):
             self._resume(args, state, resume_from)
 
     def _resume(self, args, state, resume_from: str | None) -> None:
-        from .checkpoint import read_engine_state
+        from .checkpointing.loading import read_engine_state
 
         # the checkpoint Trainer.train(resume_from_checkpoint=...) really loaded comes first
         candidates = [path for path in (resume_from, args.resume_from_checkpoint) if isinstance(path, str)]
@@ -146,7 +147,8 @@ class CHTssTrainerCallback(TrainerCallback):
         """
         if self.engine is None or not state.is_world_process_zero:
             return
-        from .checkpoint import CONFIG_FILE, SPARSITY_FILE, write_sparsity_files
+        from .checkpointing.format import CONFIG_FILE, SPARSITY_FILE
+        from .checkpointing.saving import write_sparsity_files
 
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         written = all(os.path.exists(os.path.join(folder, name)) for name in (SPARSITY_FILE, CONFIG_FILE))

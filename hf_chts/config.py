@@ -15,31 +15,32 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("chtss", "chts", "cht", "set", "rigl", "gmp", "dense")
-INITS = ("er", "bsw", "brf", "bsf", "csti", "dense")
+from .topology.init import DEGREE_MODES, INIT_METHODS
+from .topology.regrowth import REGROWTH_METHODS, SELECTIONS
+
+# The choices of the fields below that are implemented here (the engine and the schedules);
+# the others are defined next to their implementation and imported.
 REMOVALS = ("soft", "rigid", "none")
-REGROWTHS = ("ch2_l3n", "ch3_l3n", "ch3_l3", "random", "gradient", "none")
-SELECTIONS = ("soft", "rigid")
+REGROWTHS = (*REGROWTH_METHODS, "none")  # "none": no regrowth (the engine skips it)
 SCHEDULES = ("sigmoid", "cubic", "constant")
-DEGREE_MODES = ("uniform", "fixed")
 ZETA_SCHEDULES = ("cosine", "constant")
 
 # ALGORITHMS.md §7: methods as configurations. Values applied to fields left None.
 PRESETS: dict[str, dict[str, Any]] = {
-    "set": dict(init="er", removal="rigid", removal_alpha=1.0, regrowth="random", schedule="constant", percolation=False),
-    "rigl": dict(init="er", removal="rigid", removal_alpha=1.0, regrowth="gradient", schedule="constant", percolation=False),
-    "cht": dict(
-        init="bsw", removal="rigid", removal_alpha=1.0, regrowth="ch3_l3", regrowth_selection="rigid",
-        schedule="constant", percolation=True,
+    "chtss": dict(
+        initial_density=1.0, init="brf", removal="soft", removal_alpha=1.0, prune_alpha=0.0, regrowth="ch2_l3n",
+        regrowth_selection="soft", schedule="sigmoid", percolation=True,
     ),
     "chts": dict(
         init="brf", removal="soft", removal_alpha=1.0, regrowth="ch2_l3n", regrowth_selection="soft",
         schedule="constant", percolation=True,
     ),
-    "chtss": dict(
-        initial_density=1.0, init="brf", removal="soft", removal_alpha=1.0, prune_alpha=0.0, regrowth="ch2_l3n",
-        regrowth_selection="soft", schedule="sigmoid", percolation=True,
+    "cht": dict(
+        init="bsw", removal="rigid", removal_alpha=1.0, regrowth="ch3_l3", regrowth_selection="rigid",
+        schedule="constant", percolation=True,
     ),
+    "set": dict(init="er", removal="rigid", removal_alpha=1.0, regrowth="random", schedule="constant", percolation=False),
+    "rigl": dict(init="er", removal="rigid", removal_alpha=1.0, regrowth="gradient", schedule="constant", percolation=False),
     "gmp": dict(
         initial_density=1.0, init="dense", removal="none", prune_alpha=1.0, regrowth="none", schedule="cubic",
         percolation=False,
@@ -49,6 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         percolation=False,
     ),
 }
+METHODS = tuple(PRESETS)  # the method presets: "chtss", "chts", "cht", "set", "rigl", "gmp", "dense"
 
 # Fallbacks for fields no preset sets.
 DEFAULTS: dict[str, Any] = dict(
@@ -218,7 +220,7 @@ class SparsifyConfig:
             _fail("initial_density", self.initial_density,
                   f"schedule 'constant' (method {self.method!r}) keeps the density fixed: set initial_density equal "
                   f"to target_density ({self.target_density}) or use schedule='sigmoid'/'cubic'")
-        choice("init", INITS)
+        choice("init", INIT_METHODS)
         unit("init_beta")
         unit("init_r")
         choice("init_degree_mode", DEGREE_MODES)
@@ -306,10 +308,9 @@ class SparsifyConfig:
         known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
         unknown = sorted(set(data) - known)
         if unknown:
-            import difflib
+            from .suggest import did_you_mean
 
-            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
-                     for k in unknown]
+            hints = [f"{k!r}{did_you_mean(k, known)}" for k in unknown]
             raise ValueError(f"unknown SparsifyConfig field(s): {', '.join(hints)}")
         values = {k: (math.inf if v == "inf" else v) for k, v in data.items()}
         return cls(**values)

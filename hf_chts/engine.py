@@ -34,9 +34,10 @@ from torch import nn
 
 from .config import SparsifyConfig
 from .layers import SparseLayerMixin, sparse_layers
-from .model import find_state, sparsify, unwrap_model
+from .model import sparsify
 from .schedules import SparseSchedule, lr_rewarmup_multiplier
-from .topology.init import allocate_links, count_links
+from .state import find_state, unwrap_model
+from .topology.budgets import allocate_links, count_links
 from .topology.percolation import active_neurons, percolate
 from .topology.regrowth import regrow
 from .topology.removal import prune_to_count, soft_removal
@@ -219,7 +220,7 @@ class SparseTrainingEngine:
         # after (or instead of) the per-parameter hook. In one process the hook already did it.
         distributed = dist.is_available() and dist.is_initialized()
         for layer in self.layers.values():
-            hooked = layer.mask_gradients and getattr(layer.weight, "_hf_chts_layer", None) is layer
+            hooked = layer.mask_gradients and layer.has_grad_hook
             if distributed or not hooked:
                 layer.mask_grad_()
 
@@ -254,9 +255,6 @@ class SparseTrainingEngine:
         self._dense_grads.clear()
         self._prepare_next_step()
         return stats
-
-    def is_update_step(self, step: int) -> bool:
-        return self.schedule.is_update_step(step)
 
     # ---------------------------------------------------------------- update
     @torch.no_grad()
@@ -356,7 +354,7 @@ class SparseTrainingEngine:
         layer.set_mask(new_mask)
         keep = (new_mask & ~grown).to(layer.mask.device)  # surviving links keep weight and moments
         weight = layer.weight
-        weight_keep = layer.shard_like_weight((keep.t() if layer.transposed else keep).to(weight.dtype))
+        weight_keep = layer.shard_like_weight(layer.storage_view(keep).to(weight.dtype))
         weight.mul_(weight_keep)  # regrown links start at 0
         if self.optimizer is not None:
             for value in self.optimizer.state.get(weight, {}).values():

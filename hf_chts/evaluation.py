@@ -179,7 +179,8 @@ def make_task_manager(tasks: list[str], include_path: str | os.PathLike | None =
 
 def sparsity_summary(model: nn.Module) -> dict[str, Any]:
     """``{"density", "anp", "method", "live_links", "total_links"}`` of a (possibly dense) model."""
-    from .model import find_state, sparsity_report
+    from .model import sparsity_report
+    from .state import find_state
 
     state = find_state(model)
     if state is None:
@@ -209,7 +210,7 @@ def evaluate_model(model: nn.Module, tokenizer, tasks, *, include_path: str | os
         lm-eval's results dict plus ``results["hf_chts"] = {"density", "anp", "method", ...}``
         on the main process; ``None`` on other ranks.
     """
-    from .checkpoint import is_main_process
+    from .checkpointing.saving import is_main_process
 
     if not is_main_process():
         return None
@@ -268,7 +269,7 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _default_output(checkpoint: str, folder: Path) -> Path:
+def _default_output(checkpoint: str) -> Path:
     if Path(checkpoint).expanduser().is_dir():
         return Path(checkpoint).expanduser() / "eval_results.json"
     return Path.cwd() / f"eval_results_{checkpoint.replace('/', '__')}.json"
@@ -278,7 +279,7 @@ def eval_command(args) -> int:
     """``hf-chts eval <checkpoint-or-repo> --tasks t1,t2 [--include-path dir] [--output file]``."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import load_sparse, resolve_checkpoint
+    from .checkpointing.loading import load_sparse, resolve_checkpoint
     from .io_utils import atomic_write_text
 
     folder = resolve_checkpoint(args.checkpoint, revision=getattr(args, "revision", None))
@@ -294,7 +295,7 @@ def eval_command(args) -> int:
         return 0
     results = jsonable_results(results)
     results["hf_chts"]["checkpoint"] = str(args.checkpoint)
-    output = Path(args.output) if args.output else _default_output(str(args.checkpoint), folder)
+    output = Path(args.output) if args.output else _default_output(str(args.checkpoint))
     atomic_write_text(output, json.dumps(results, indent=2, allow_nan=True) + "\n")
     print(results_table(results))
     print(f"results written to {output}")

@@ -9,8 +9,10 @@ and optimizer moments are exactly zero) is maintained around the optimizer
 step instead of by multiplying in every forward.
 
 ``mask`` always has the logical ``out x in`` shape. GPT-2's ``Conv1D`` stores
-its weight ``in x out``; :meth:`SparseLayerMixin.logical_weight` and
-:meth:`SparseLayerMixin.storage_mask` translate between the two views.
+its weight ``in x out``. This module is the one owner of that storage layout:
+:func:`logical_shape_of` gives any linear-like module's ``(out, in)`` and
+:meth:`SparseLayerMixin.storage_view` / :meth:`SparseLayerMixin.logical_view`
+translate a tensor between the two views; nothing else transposes for Conv1D.
 
 Modules are converted in place by swapping their class (as
 ``torch.nn.utils.parametrize`` does), so parameter objects, devices and any
@@ -38,36 +40,51 @@ class SparseLayerMixin:
     # ------------------------------------------------------------- views
     @property
     def logical_shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)`` whatever the storage layout."""
         rows, cols = self.weight.shape
         return (cols, rows) if self.transposed else (rows, cols)
 
+    def storage_view(self, logical: torch.Tensor) -> torch.Tensor:
+        """A logical ``out x in`` tensor (mask, weight, gradient) in the weight's storage layout (a view)."""
+        return logical.t() if self.transposed else logical
+
+    def logical_view(self, stored: torch.Tensor) -> torch.Tensor:
+        """A tensor in the weight's storage layout as logical ``out x in`` (a view); inverse of :meth:`storage_view`."""
+        return stored.t() if self.transposed else stored
+
     def logical_weight(self) -> torch.Tensor:
         """The weight as ``out x in`` (a view; Conv1D weights are transposed)."""
-        return self.weight.t() if self.transposed else self.weight
+        return self.logical_view(self.weight)
 
     def storage_mask(self) -> torch.Tensor:
         """The mask in the weight's storage layout (a view), sharded like the weight under FSDP2."""
         shard = self.__dict__.get("_mask_shard")
         if shard is not None:
             return shard
-        return self.mask.t() if self.transposed else self.mask
+        return self.storage_view(self.mask)
 
     @property
     def is_sharded(self) -> bool:
         """True when the weight is a DTensor (FSDP2 ``fully_shard``)."""
-        return _is_dtensor(self.weight)
+        return is_dtensor(self.weight)
+
+    @property
+    def has_grad_hook(self) -> bool:
+        """True when this layer's post-accumulate-grad hook masks its weight's gradient (set by :func:`convert_to_sparse`)."""
+        return getattr(self.weight, "_hf_chts_layer", None) is self
 
     def full_logical_weight(self) -> torch.Tensor:
         """The whole ``out x in`` weight, gathered across ranks when it is sharded."""
         weight = self.weight.full_tensor() if self.is_sharded else self.weight
-        return weight.t() if self.transposed else weight
+        return self.logical_view(weight)
 
     def full_logical_grad(self) -> torch.Tensor | None:
+        """The whole ``out x in`` gradient (gathered when sharded), or ``None`` before the first backward."""
         grad = self.weight.grad
         if grad is None:
             return None
-        grad = grad.full_tensor() if _is_dtensor(grad) else grad
-        return grad.t() if self.transposed else grad
+        grad = grad.full_tensor() if is_dtensor(grad) else grad
+        return self.logical_view(grad)
 
     def shard_like_weight(self, storage_tensor: torch.Tensor) -> torch.Tensor:
         """Distribute a full storage-layout tensor with the weight's mesh and placements (FSDP2)."""
@@ -85,7 +102,7 @@ class SparseLayerMixin:
         shard that follows the weight's sharding.
         """
         if self.is_sharded:
-            full = self.mask.t() if self.transposed else self.mask
+            full = self.storage_view(self.mask)
             self.__dict__["_mask_shard"] = self.shard_like_weight(full.to(self.weight.device))
         else:
             self.__dict__.pop("_mask_shard", None)
@@ -122,8 +139,19 @@ class SparseLayerMixin:
         return f"{super().extra_repr()}, density={self.density:.4f}"
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2-sharded), without importing torch.distributed."""
     return type(tensor).__name__ == "DTensor"
+
+
+def logical_shape_of(module: nn.Module) -> tuple[int, int]:
+    """Logical ``(out, in)`` shape of a linear-like module, sparse or not (Conv1D stores ``in x out``)."""
+    if isinstance(module, SparseLayerMixin):
+        return module.logical_shape
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    weight = module.weight
+    return weight.shape[1], weight.shape[0]  # transformers Conv1D: (in, out)
 
 
 def _mask_grad_hook(param: torch.Tensor) -> None:

@@ -18,23 +18,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures import COL_ROLES, ModelTopology, _out_in, build_topology, get_architecture
+from .architectures import COL_ROLES, ModelTopology, build_topology, get_architecture
+from .checkpointing.saving import install_save_hook
 from .config import SparsifyConfig
-from .layers import SparseLayerMixin, convert_to_sparse, is_linear_like, sparse_layers
+from .layers import convert_to_sparse, is_linear_like, logical_shape_of, sparse_layers
+from .state import (  # noqa: F401 - find_state, unwrap_model, is_sparsified: also importable from here
+    SparseModelState, attach_state, find_state, is_sparsified, unwrap_model,
+)
 
 logger = logging.getLogger(__name__)
 
-STATE_ATTR = "hf_chts_state"
 _BLOCK_CONTAINER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.\d+\.")
-
-
-@dataclass
-class SparseModelState:
-    """What ``sparsify`` attaches to the model (``model.hf_chts_state``)."""
-
-    config: SparsifyConfig
-    topology: ModelTopology
-    engine: object | None = None  # the SparseTrainingEngine driving this model, if any (for checkpoints)
 
 
 # ---------------------------------------------------------------- selection
@@ -115,29 +109,6 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
 
 
 # ----------------------------------------------------------------- sparsify
-def find_state(model: nn.Module) -> SparseModelState | None:
-    """The sparse state attached by :func:`sparsify`, looking through wrappers (DDP, peft, compile)."""
-    for module in model.modules():
-        state = module.__dict__.get(STATE_ATTR)
-        if state is not None:
-            return state
-    inner = getattr(model, "_orig_mod", None)
-    return find_state(inner) if isinstance(inner, nn.Module) and inner is not model else None
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The innermost model under DDP's ``module`` and ``torch.compile``'s ``_orig_mod`` wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module) or inner is model:
-            return model
-        model = inner
-
-
-def is_sparsified(model: nn.Module) -> bool:
-    return find_state(model) is not None
-
-
 def _capture_layer_inputs(model: nn.Module, modules: dict[str, nn.Module], batch) -> dict[str, torch.Tensor]:
     """Inputs ``[tokens, in_features]`` of each module on one calibration batch (for CSTI)."""
     captured: dict[str, torch.Tensor] = {}
@@ -159,7 +130,8 @@ def initial_masks(
     model: nn.Module, config: SparsifyConfig, topology: ModelTopology, modules: dict[str, nn.Module], calibration_batch=None
 ) -> dict[str, torch.Tensor]:
     """Initial topology of every selected layer (ALGORITHMS.md §2), exact link counts per row block."""
-    from .topology.init import allocate_links, build_mask, count_links
+    from .topology.budgets import allocate_links, count_links
+    from .topology.init import build_mask
 
     masks: dict[str, torch.Tensor] = {}
     density = config.initial_density
@@ -172,7 +144,7 @@ def initial_masks(
         inputs = _capture_layer_inputs(model, modules, calibration_batch)
     for name, module in modules.items():
         info = topology.layers[name]
-        rows, cols = _out_in(module)
+        rows, cols = logical_shape_of(module)
         if density >= 1.0 or config.init == "dense":
             masks[name] = torch.ones(rows, cols, dtype=torch.bool)
             continue
@@ -203,7 +175,7 @@ def initial_masks(
 
 def _resort_mlp_chains(masks: dict[str, torch.Tensor], topology: ModelTopology) -> None:
     """Apply BSF neuron resorting to every MLP chain (gate/up or fc_in rows -> down/fc_out columns)."""
-    from .topology.init import resort_by_degree
+    from .topology.bsf import resort_by_degree
 
     for chain in topology.mlp:
         if not all(ref.layer in masks for ref in [*chain.inputs, chain.output]):
@@ -236,7 +208,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
     if find_state(model) is not None:
         raise ValueError("this model is already sparsified (hf_chts_state is set); call sparsify() once per model")
     if config.is_dense:
-        model.__dict__[STATE_ATTR] = SparseModelState(config, ModelTopology("dense", {}, [], [], True))
+        attach_state(model, SparseModelState(config, ModelTopology("dense", {}, [], [], True)))
         logger.info("hf_chts: method 'dense' keeps every layer dense; nothing patched")
         return model
     modules = select_modules(model, config)
@@ -251,7 +223,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
     for name, module in modules.items():
         layer = convert_to_sparse(module, name, masks[name])
         if config.reinit_weights and not bool(layer.mask.all()):
-            from .topology.init import reinit_sparse_weight_
+            from .weight_init import reinit_sparse_weight_
 
             # SWI relative to the model's own init: std_dense·sqrt(in_features / live fan-in) per row
             with torch.no_grad():
@@ -260,14 +232,11 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
                 gain = dense_std * weight.shape[1] ** 0.5
                 reinit_sparse_weight_(weight, layer.mask, gain=max(gain, 1e-12),
                                       generator=layer_generator(config.seed, name + "/reinit"))
-    # plain attribute (not a submodule, not in state_dict)
-    model.__dict__[STATE_ATTR] = SparseModelState(config, topology)
+    attach_state(model, SparseModelState(config, topology))
     # masks are identical on every rank by construction: DDP need not broadcast them each forward
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = ignored + [f"{name}.mask" for name in modules]
-    from .checkpoint import install_save_hook  # save_pretrained / Trainer.save_model also write the masks
-
-    install_save_hook(model)
+    install_save_hook(model)  # save_pretrained / Trainer.save_model also write the masks
     return model
 
 

@@ -6,8 +6,8 @@
     python recipes/pretrain.py --config recipes/tiny-llama-cpu.yaml --training.max_steps 50
 
 Read top to bottom: recipe -> output folder -> data -> tokenizer -> model ->
-sparsify -> Trainer with the CHTss callback -> train -> evaluate, save, reload,
-summary. Every step is a function of ``hf_chts.recipe`` (the library holds the
+sparsify -> Trainer with the CHTss callback -> train -> evaluate -> save ->
+reload and compare -> lm-eval -> summary. Every step is a function of ``hf_chts.recipe`` (the library holds the
 reusable parts, so ``hf-chts train`` does exactly the same); this file shows
 the order. It runs on one process or many (DDP / FSDP through accelerate);
 only the main process writes the summary, the plot and the checkpoint.
@@ -23,6 +23,7 @@ import time
 
 from accelerate import PartialState
 
+import hf_chts
 from hf_chts import sparsify
 from hf_chts import recipe as R
 
@@ -77,8 +78,27 @@ def main(argv=None):
     resume = R.last_checkpoint(recipe) if mode == "resume" else None
     output = trainer.train(resume_from_checkpoint=resume)
 
-    # 8. Validation perplexity, sparse checkpoint, reload check, lm-eval, run_summary.json, plot.
-    R.finish_run(recipe, trainer, callback, tokenizer, data, started=started, train_output=output)
+    # 8. Evaluate: the validation loss through the Trainer, the ranks' ids and, with FSDP2-sharded
+    #    weights, the full state dict. Collective: every rank takes part.
+    metrics = R.evaluate_perplexity(recipe, trainer)
+    ranks = R.gather_ranks()
+    full_state_dict = R.gather_full_state_dict(trainer)
+
+    # 9. The main process saves the sparse checkpoint final/, reloads it with load_sparse and checks
+    #    that it reproduces the trained model, runs lm-eval on it, and writes run_summary.json + plot.
+    if trainer.is_world_process_zero():
+        model = trainer.model
+        report = hf_chts.sparsity_report(model)
+        final_dir = R.save_final_checkpoint(recipe, trainer, tokenizer, full_state_dict)
+        full_state_dict = None
+        reloaded = R.reload_final_checkpoint(recipe, model, final_dir)
+        reload_check = R.check_reload(recipe, model, reloaded, data, final_dir)
+        lm_eval = R.run_lm_eval(recipe, reloaded if reloaded is not None else model, tokenizer, data)
+        summary = R.build_summary(recipe, trainer, callback, data, report=report, metrics=metrics, ranks=ranks,
+                                  reload_check=reload_check, lm_eval=lm_eval, final_dir=final_dir, started=started,
+                                  train_output=output)
+        R.write_summary(recipe, summary)
+    trainer.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

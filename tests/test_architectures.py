@@ -9,11 +9,6 @@ the attention output / MLP hidden neuron they claim to.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import re
 from contextlib import contextmanager
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark smoke runs: the slow tier
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 

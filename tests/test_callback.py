@@ -5,7 +5,7 @@ import torch
 
 from hf_chts import SparsifyConfig
 from hf_chts.layers import sparse_layers
-from hf_chts.model import find_state
+from hf_chts.state import find_state
 from hf_chts.schedules import SparseSchedule
 from trainer_utils import PatternDataset, make_trainer
 

@@ -19,7 +19,7 @@ from hf_chts.checkpoint import (
 )
 from hf_chts.cli import main as cli_main
 from hf_chts.layers import sparse_layers
-from hf_chts.model import find_state
+from hf_chts.state import find_state
 
 DENSITY = 0.3
 
@@ -196,7 +196,7 @@ def test_engine_progress_resumes_exactly(make_tiny_model, tmp_path):
 
 
 def test_only_the_main_process_writes(make_tiny_model, tmp_path, monkeypatch):
-    import hf_chts.checkpoint as checkpoint
+    import hf_chts.checkpointing.saving as checkpoint
 
     model = sparse_trained(make_tiny_model, "llama")
     monkeypatch.setattr(checkpoint, "is_main_process", lambda: False)
@@ -290,7 +290,7 @@ def test_missing_mask_file_loads_dense_with_warning(make_tiny_model, tmp_path, c
 
 
 def test_failed_save_keeps_previous_checkpoint(make_tiny_model, tmp_path, monkeypatch):
-    import hf_chts.checkpoint as checkpoint
+    import hf_chts.checkpointing.saving as checkpoint
 
     model = sparse_trained(make_tiny_model, "llama")
     save_sparse(model, tmp_path)
@@ -304,11 +304,11 @@ def test_failed_save_keeps_previous_checkpoint(make_tiny_model, tmp_path, monkey
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    for target in ("_mask_entries", "_compact_split"):  # after / before the weights were written
+    for target in ("mask_entries", "compact_split"):  # after / before the weights were written
         with monkeypatch.context() as patch:
             patch.setattr(checkpoint, target, explode)
             with pytest.raises(RuntimeError, match="disk full"):
-                save_sparse(model, tmp_path, compact=target == "_compact_split")
+                save_sparse(model, tmp_path, compact=target == "compact_split")
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
         reloaded = load_sparse(tmp_path).eval()
         assert torch.equal(logits(reloaded), before)
@@ -453,6 +453,26 @@ def test_inspect_prints_layer_densities(make_tiny_model, tmp_path, capsys):
     assert "ANP" in table and SPARSITY_FILE in table
 
 
+def test_inspect_refuses_masks_that_do_not_fit_the_stored_config(make_tiny_model, tmp_path, capsys, monkeypatch):
+    """A mismatch is the user's error (exit 2, file named); an architecture that cannot be built only warns."""
+    model = sparse_trained(make_tiny_model, "llama")
+    save_sparse(model, tmp_path)
+    record = json.loads((tmp_path / CONFIG_FILE).read_text())
+    record["config"]["exclude_modules"] = ["o_proj"]  # the o_proj masks now match no sparsified layer
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
+    assert cli_main(["inspect", str(tmp_path)]) == 2
+    assert SPARSITY_FILE in capsys.readouterr().err
+
+    import hf_chts.checkpointing.tools as tools
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tools, "_meta_topology", offline)
+    info = tools.inspect_checkpoint(tmp_path)
+    assert info["anp"] is None and info["density"] == pytest.approx(sparsity_report(model).density)
+
+
 def test_export_compact_and_back(make_tiny_model, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -471,7 +491,6 @@ def test_export_compact_and_back(make_tiny_model, tmp_path, capsys):
 # --------------------------------------------------------------------- FSDP2
 _FSDP_SAVE_SCRIPT = r'''
 import os, socket, sys
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.distributed as dist
 import transformers
@@ -519,10 +538,10 @@ try:
     save_sparse(model, os.path.join(out, "dense"))
     save_sparse(model, os.path.join(out, "compact"), compact=True)
     full[name + ".weight"][row, col] = 0.0
-    from hf_chts.checkpoint import _masked_state_dict  # a sharded (DTensor) state dict is masked shard-wise
+    from hf_chts.checkpointing.saving import masked_state_dict  # a sharded (DTensor) state dict is masked shard-wise
     sharded = {key: value.detach().clone() for key, value in model.state_dict().items()}
     sharded[name + ".weight"].to_local()[row, col] = 1.0
-    masked = _masked_state_dict(model, sharded)[name + ".weight"]
+    masked = masked_state_dict(model, sharded)[name + ".weight"]
     assert isinstance(masked, DTensor) and float(masked.to_local()[row, col]) == 0.0
     assert torch.equal(masked.full_tensor(), full[name + ".weight"])
     torch.save({"weights": {n + ".weight": full[n + ".weight"] for n in layers},
@@ -533,6 +552,7 @@ finally:
 '''
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_model_saves_full_checkpoints(tmp_path):
     """Under FSDP2 the masks are sharded DTensors: saving a full state dict (the Trainer path) and
     save_sparse (dense and compact) must mask with the full plain masks and write full weights."""
@@ -541,9 +561,7 @@ def test_fsdp2_sharded_model_saves_full_checkpoints(tmp_path):
 
     script = tmp_path / "fsdp_save.py"
     script.write_text(_FSDP_SAVE_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     expected = torch.load(tmp_path / "expected.pt")
     name, row, col = expected["planted"]

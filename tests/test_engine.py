@@ -9,8 +9,8 @@ import torch
 from hf_chts import SparsifyConfig, sparsify
 from hf_chts.engine import SparseTrainingEngine
 from hf_chts.layers import sparse_layers
-from hf_chts.model import find_state
-from hf_chts.topology.init import allocate_links, count_links
+from hf_chts.state import find_state
+from hf_chts.topology.budgets import allocate_links, count_links
 
 
 def batches(seed, count, vocab=128, shape=(4, 16)):

@@ -1,4 +1,4 @@
-"""Initial sparse topologies (ALGORITHMS.md §2): hf_chts.topology.init.
+"""Initial sparse topologies (ALGORITHMS.md §2): hf_chts.topology.init, .budgets, .bsf, and hf_chts.weight_init.
 
 Behaviour is checked against slow, obvious references on small layers
 (brute-force ring distances, numpy correlations, exact-fraction largest
@@ -17,19 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from hf_chts.topology.init import (
-    DEGREE_MODES,
-    METHODS,
-    allocate_links,
-    brf_mask,
-    bsf_mask,
-    bsw_mask,
-    build_mask,
-    count_links,
-    csti_mask,
-    er_mask,
-    reinit_sparse_weight_,
-)
+from hf_chts.topology.budgets import allocate_links, count_links
+from hf_chts.topology.bsf import bsf_mask
+from hf_chts.topology.init import DEGREE_MODES, INIT_METHODS, brf_mask, bsw_mask, build_mask, csti_mask, er_mask
+from hf_chts.weight_init import reinit_sparse_weight_
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -485,7 +476,7 @@ def test_builders_reject_bad_link_counts_and_parameters():
         bsw_mask(3, 3, 4, 2.0, gen())
     with pytest.raises(ValueError, match="degree_mode"):
         brf_mask(3, 3, 4, 0.5, "normal", gen())
-    assert set(METHODS) == {"er", "bsw", "brf", "bsf", "csti", "dense"}
+    assert set(INIT_METHODS) == {"er", "bsw", "brf", "bsf", "csti", "dense"}
 
 
 # ---------------------------------------------------------------- speed
@@ -502,7 +493,7 @@ def test_llama_1b_ffn_shape_is_fast():
 
 
 def test_bsf_resort_aligns_hidden_degrees_and_keeps_links():
-    from hf_chts.topology.init import bsf_mask, resort_by_degree
+    from hf_chts.topology.bsf import resort_by_degree
 
     generator = torch.Generator().manual_seed(0)
     producer = bsf_mask(40, 16, 200, generator)       # F=40 hidden rows, reading 16 inputs

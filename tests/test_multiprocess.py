@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # several processes: the slow tier
+
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_trainer_run.py"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
@@ -27,13 +29,12 @@ def launch(output_dir: Path, processes: int, per_device_batch: int) -> None:
     command = [str(ACCELERATE), "launch", *distributed, "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT), str(output_dir),
                str(per_device_batch)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-@pytest.mark.multiprocess
 def test_two_processes_hold_identical_masks_equal_to_single_process(tmp_path):
     launch(tmp_path / "ddp", processes=2, per_device_batch=4)
     launch(tmp_path / "single", processes=1, per_device_batch=8)
@@ -54,9 +55,8 @@ def test_two_processes_hold_identical_masks_equal_to_single_process(tmp_path):
 FSDP_SCRIPT = Path(__file__).parent / "scripts" / "fsdp_engine_run.py"
 
 
-@pytest.mark.multiprocess
 def test_fsdp2_two_processes_gather_full_weights_and_shard_masks(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(FSDP_SCRIPT), str(tmp_path),
                              "fsdp"], env=env, capture_output=True, text=True, timeout=600)

@@ -9,7 +9,7 @@ import hf_chts
 from hf_chts import SparsifyConfig, sparsify, sparsity_report
 from hf_chts.checkpoint import load_sparse, save_sparse
 from hf_chts.layers import sparse_layers
-from hf_chts.model import find_state
+from hf_chts.state import find_state
 
 TARGETS = {"llama": ["q_proj", "v_proj", "up_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 

@@ -1,6 +1,5 @@
 """The README's Python examples run as written (in a temporary working directory)."""
 
-import os
 import re
 import subprocess
 import sys
@@ -24,8 +23,7 @@ def block_after(marker: str) -> str:
 
 
 def run_code(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def test_readme_two_commands_come_first():
@@ -37,6 +35,7 @@ def test_readme_two_commands_come_first():
     assert first_blocks[1].strip().replace(".venv/bin/", "") in ci.replace('"$VENV"/bin/', "").replace(".venv/bin/", "")
 
 
+@pytest.mark.slow
 def test_python_api_example_runs(tmp_path):
     code = python_blocks()[0][1]
     result = run_code(code, tmp_path)
@@ -44,6 +43,7 @@ def test_python_api_example_runs(tmp_path):
     assert "overall" in result.stdout and "0.3000" in result.stdout
 
 
+@pytest.mark.slow
 def test_accelerate_loop_example_runs_and_checkpoints(tmp_path):
     code = block_after("accelerate-example")
     result = run_code(code, tmp_path)

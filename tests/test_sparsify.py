@@ -9,7 +9,7 @@ from torch import nn
 
 from hf_chts import SparsifyConfig, sparsify, sparsity_report
 from hf_chts.layers import SparseLayerMixin, sparse_layers
-from hf_chts.model import find_state
+from hf_chts.state import find_state
 
 ARCHITECTURES = ["llama", "qwen2", "gpt2", "gpt_neox", "phi3"]
 

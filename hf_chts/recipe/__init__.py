@@ -16,10 +16,12 @@ Every input problem (missing file, unknown key, output folder holding another
 run) is raised as ``FileNotFoundError`` / ``ValueError`` / ``FileExistsError``
 before anything is trained or written.
 
-The pipeline is split by job: ``schema`` (recipe sections, validation, overrides,
-input/output paths), ``data`` (corpus, BPE tokenizer, packed blocks), ``presets``
+The pipeline is split by job: ``schema`` (recipe sections and their keys),
+``validation`` (types and cross-field rules), ``overrides`` (``--section.key value``),
+``loading`` (a recipe file -> a validated recipe), ``paths`` (input files, output folder), ``data`` (corpus, BPE tokenizer, packed blocks), ``presets``
 and ``models`` (architecture, parameter counts, the model), ``trainer``
-(TrainingArguments, Trainer), ``summary`` (end-of-run evaluation, summary, plot)
+(TrainingArguments, Trainer), ``finish`` (the end-of-run steps: evaluation, final checkpoint, reload check, lm-eval),
+``summary`` (run summary, plot)
 and ``run`` (the whole run, ``hf-chts train``). Everything is re-exported here.
 ``BPE_TRAININGS`` is a live counter: read it as ``hf_chts.recipe.data.BPE_TRAININGS``.
 """
@@ -40,6 +42,9 @@ from .data import (
 from .models import build_model, configure_torch, model_config, parameter_count
 from .presets import MODEL_PRESETS, model_settings
 from .run import last_checkpoint, run_recipe, train_command
+from .loading import load_recipe
+from .overrides import apply_overrides, parse_overrides
+from .paths import check_input_paths, check_output_dir, prepare_output_dir, resolve_text_files
 from .schema import (
     BUILTIN_CORPORA,
     RECIPE_COPY,
@@ -52,27 +57,30 @@ from .schema import (
     Recipe,
     RunSection,
     TokenizerSection,
-    apply_overrides,
-    check_input_paths,
-    check_output_dir,
-    load_recipe,
-    parse_overrides,
-    prepare_output_dir,
-    recipe_from_dict,
-    resolve_text_files,
     sparsify_config,
+)
+from .validation import recipe_from_dict
+from .finish import (
+    check_reload,
+    evaluate_perplexity,
+    finish_run,
+    gather_full_state_dict,
+    gather_ranks,
+    reload_final_checkpoint,
+    run_lm_eval,
+    save_final_checkpoint,
+    validation_loss,
 )
 from .summary import (
     FINAL_DIR,
     PLOT_FILE,
+    build_summary,
     eval_command_line,
-    finish_run,
     loss_curves,
     plot_training_curves,
     print_summary,
-    run_lm_eval,
     sparsity_history,
-    validation_loss,
+    write_summary,
 )
 from .trainer import build_trainer, make_callback, training_arguments
 
@@ -83,19 +91,24 @@ __all__ = [
     "build_lm_datasets",
     "build_model",
     "build_tokenizer",
+    "build_summary",
     "build_trainer",
     "BUILTIN_CORPORA",
     "builtin_documents",
     "check_input_paths",
     "check_output_dir",
+    "check_reload",
     "collate_blocks",
     "configure_torch",
     "Corpus",
     "DataSection",
     "eval_command_line",
+    "evaluate_perplexity",
     "EvalSection",
     "FINAL_DIR",
     "finish_run",
+    "gather_full_state_dict",
+    "gather_ranks",
     "last_checkpoint",
     "LMData",
     "load_corpus",
@@ -117,9 +130,11 @@ __all__ = [
     "Recipe",
     "RECIPE_COPY",
     "recipe_from_dict",
+    "reload_final_checkpoint",
     "resolve_text_files",
     "run_lm_eval",
     "run_recipe",
+    "save_final_checkpoint",
     "RunSection",
     "SECTIONS",
     "sparsify_config",
@@ -130,4 +145,5 @@ __all__ = [
     "train_command",
     "training_arguments",
     "validation_loss",
+    "write_summary",
 ]

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .schema import BUILTIN_CORPORA, Recipe, _did_you_mean
+from ..suggest import did_you_mean
+from .schema import BUILTIN_CORPORA, Recipe
 
 BPE_CACHE_VERSION = 1
 
@@ -77,7 +78,7 @@ def load_corpus(recipe: Recipe) -> Corpus:
     names = list(full.column_names or []) if getattr(full, "column_names", None) else None
     if names is not None and column not in names:
         raise ValueError(f"data.text_column = {column!r} is not a column of {data.dataset or data.text_files}; "
-                         f"columns: {', '.join(names)}{_did_you_mean(column, names)}")
+                         f"columns: {', '.join(names)}{did_you_mean(column, names)}")
     if column != "text":
         full = full.rename_column(column, "text")
     if names is not None and len(names) > 1:

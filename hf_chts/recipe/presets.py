@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .schema import ModelSection
+from typing import Any
 
 # --------------------------------------------------------------------------- model presets
 # ALGORITHMS.md §8 (the GaLore / CHTs LLaMA family; LLaMA vocabulary 32000, untied embeddings).
@@ -22,8 +19,11 @@ MODEL_PRESETS: dict[str, dict[str, int | None]] = {
 # GaLore's naming of this 1.34B configuration; no common convention puts it within 10% of 1B).
 
 
-def model_settings(model: ModelSection) -> dict[str, Any]:
-    """The preset's architecture with the recipe's explicit overrides applied."""
+def model_settings(model: Any) -> dict[str, Any]:
+    """The preset's architecture with the recipe's explicit overrides applied.
+
+    ``model`` is a recipe's ``ModelSection`` (any object with its fields).
+    """
     settings = dict(MODEL_PRESETS[model.preset])
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "num_key_value_heads", "max_position_embeddings"):

@@ -9,8 +9,10 @@ import torch
 
 from .data import build_lm_datasets, build_tokenizer, load_corpus
 from .models import build_model, configure_torch
-from .schema import Recipe, check_output_dir, load_recipe, prepare_output_dir, sparsify_config
-from .summary import finish_run
+from .loading import load_recipe
+from .paths import check_output_dir, prepare_output_dir
+from .schema import Recipe, sparsify_config
+from .finish import finish_run
 from .trainer import build_trainer, make_callback, training_arguments
 
 

@@ -1,0 +1,272 @@
+"""The on-disk format of a sparse checkpoint: file names, encoding and decoding, validation.
+
+A checkpoint folder is a normal Hugging Face model folder plus two files::
+
+    config.json, generation_config.json      (transformers)
+    model.safetensors (or shards + index)    dense weights, exactly 0 at masked positions
+    tokenizer files                          (when a tokenizer is given)
+    sparsity.safetensors                     one uint8 entry per sparsified weight
+    sparsify_config.json                     SparsifyConfig + sparse-training progress
+
+``sparsity.safetensors``
+    key: the weight's ``state_dict`` key (``model.layers.0.self_attn.q_proj.weight``);
+    value: the boolean mask in the *logical* ``out x in`` layout (also for GPT-2's
+    ``Conv1D``, whose weight is stored ``in x out``), bit-packed with
+    ``numpy.packbits(mask, axis=-1, bitorder="little")`` -> uint8 ``[out, ceil(in/8)]``.
+    Metadata (str -> str): ``hf_chts_format_version``, ``content`` (``"masks"``),
+    ``packing``, ``shapes`` (JSON ``{key: [out, in]}``) and ``crc32`` (JSON
+    ``{key: crc32 of the packed bytes}``, checked on load).
+
+``sparsify_config.json``
+    ``{"format_version": 1, "hf_chts_version", "weights_format": "dense"|"compact",
+    "config": SparsifyConfig.to_dict(), "summary": {density, live_links, total_links},
+    "engine": null | {...}}``. ``engine`` holds the fields of
+    ``SparseTrainingEngine.state_dict()`` except the masks (in ``sparsity.safetensors``)
+    and the config (above): ``version``, ``completed_steps``, ``total_steps``,
+    ``generator_state`` (``torch.Generator.get_state()`` bytes, base64), ``layers``,
+    ``history`` (each update's stats without the per-layer ``layer_density``, which
+    would cost layers x updates numbers per checkpoint; it reloads as ``{}``); plus
+    informative ``target_density`` (current scheduled density) and ``schedule``
+    (update interval, update end, updates done / total, next update step).
+    :func:`decode_engine_record` turns it back into the exact ``state_dict()`` format.
+
+The compact format's ``sparse_weights.safetensors`` is described in
+:mod:`hf_chts.checkpointing.compact`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import SparsifyConfig
+from ..layers import sparse_layers
+
+FORMAT_VERSION = 1
+
+
+SPARSITY_FILE = "sparsity.safetensors"
+
+
+CONFIG_FILE = "sparsify_config.json"
+
+
+SPARSE_WEIGHTS_FILE = "sparse_weights.safetensors"
+
+
+STAGING_PREFIX = ".hf_chts_staging-"
+
+
+PACKING = "numpy.packbits(mask, axis=-1, bitorder='little'), logical out x in"
+
+
+def weight_key(module_name: str) -> str:
+    """``state_dict`` key of a sparsified module's weight."""
+    return f"{module_name}.weight"
+
+
+def module_name_of(key: str) -> str:
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a bool mask along its last dim (``numpy.packbits``, little bit order) -> uint8."""
+    array = mask.detach().to("cpu", torch.bool).numpy()
+    return torch.from_numpy(np.ascontiguousarray(np.packbits(array, axis=-1, bitorder="little")))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask` for a mask of logical ``shape``."""
+    bits = np.unpackbits(packed.numpy(), axis=-1, count=int(shape[-1]), bitorder="little")
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+
+
+def crc32_hex(tensor: torch.Tensor) -> str:
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return format(zlib.crc32(data) & 0xFFFFFFFF, "08x")
+
+
+def _packed_shape(shape: list[int]) -> list[int]:
+    return [*shape[:-1], math.ceil(shape[-1] / 8)]
+
+
+def mask_entries(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Packed masks and the metadata of ``sparsity.safetensors``."""
+    tensors, shapes, crcs = {}, {}, {}
+    for name, layer in sorted(sparse_layers(model).items()):
+        key = weight_key(name)
+        tensors[key] = pack_mask(layer.mask)
+        shapes[key] = list(layer.mask.shape)
+        crcs[key] = crc32_hex(tensors[key])
+    metadata = {
+        "format": "pt",
+        "hf_chts_format_version": str(FORMAT_VERSION),
+        "content": "masks",
+        "packing": PACKING,
+        "shapes": json.dumps(shapes, sort_keys=True),
+        "crc32": json.dumps(crcs, sort_keys=True),
+    }
+    return tensors, metadata
+
+
+def encode_engine_state(state: dict) -> dict:
+    """``SparseTrainingEngine.state_dict()`` -> JSON-able record (masks and config dropped)."""
+    record = {}
+    for key, value in state.items():
+        if key in ("masks", "config"):
+            continue
+        if key == "generator_state":
+            value = base64.b64encode(value.cpu().numpy().tobytes()).decode("ascii")
+        if key == "history":  # per-layer densities (layers x updates numbers) stay out of the JSON
+            value = [{k: v for k, v in stats.items() if k != "layer_density"} for stats in value]
+        record[key] = value
+    return record
+
+
+def dump_record_json(record: dict) -> str:
+    def refuse(value):
+        raise TypeError(f"cannot write {type(value).__name__} to {CONFIG_FILE}: engine state values must be JSON-able")
+
+    return json.dumps(record, indent=2, sort_keys=True, default=refuse) + "\n"
+
+
+def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; ``ValueError`` naming it if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # SafetensorError, OSError, ...
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({type(error).__name__}: {error}); it is truncated or "
+            "corrupted — copy or download it again, or re-save the checkpoint"
+        ) from error
+    return tensors, metadata
+
+
+def json_metadata(file: Path, metadata: dict[str, str], field: str) -> dict:
+    try:
+        value = json.loads(metadata[field])
+        if not isinstance(value, dict):
+            raise TypeError("not a JSON object")
+        return value
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{file}: metadata field {field!r} is missing or invalid ({error}); this is not an hf_chts file or it is "
+            "corrupted"
+        ) from error
+
+
+def check_format_version(file: Path, metadata: dict[str, str]) -> None:
+    version = metadata.get("hf_chts_format_version")
+    if version is None or not version.isdigit():
+        raise ValueError(f"{file} has no hf_chts_format_version metadata; it was not written by hf_chts.save_sparse")
+    if int(version) > FORMAT_VERSION:
+        raise ValueError(
+            f"{file} uses hf_chts checkpoint format {version}, newer than this hf_chts supports ({FORMAT_VERSION}); "
+            "upgrade hf_chts"
+        )
+
+
+def check_crc(file: Path, key: str, tensor: torch.Tensor, crcs: dict) -> None:
+    expected = crcs.get(key)
+    if expected is not None and crc32_hex(tensor) != expected:
+        raise ValueError(f"{file}: tensor {key!r} fails its crc32 check; the file is corrupted — re-save or re-download it")
+
+
+def read_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Masks of a checkpoint folder (or a ``sparsity.safetensors`` file) by weight key, as bool ``out x in``.
+
+    Raises ``ValueError`` naming the file and the tensor on a truncated or
+    corrupted file, a wrong dtype, or a packed shape that does not match the
+    recorded logical shape.
+    """
+    file = Path(path)
+    file = file / SPARSITY_FILE if file.is_dir() else file
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist")
+    tensors, metadata = read_safetensors(file)
+    check_format_version(file, metadata)
+    shapes = json_metadata(file, metadata, "shapes")
+    crcs = json_metadata(file, metadata, "crc32") if "crc32" in metadata else {}
+    masks = {}
+    for key, packed in tensors.items():
+        if key not in shapes:
+            raise ValueError(f"{file}: tensor {key!r} has no logical shape in the metadata 'shapes'; the file is corrupted")
+        shape = shapes[key]
+        if packed.dtype != torch.uint8:
+            raise ValueError(
+                f"{file}: tensor {key!r} has dtype {packed.dtype}, expected torch.uint8 (bit-packed with "
+                "numpy.packbits(bitorder='little')); masks must not be saved as bool/float tensors"
+            )
+        if list(packed.shape) != _packed_shape(shape):
+            raise ValueError(
+                f"{file}: tensor {key!r} has packed shape {list(packed.shape)}, expected {_packed_shape(shape)} for "
+                f"logical shape {shape}; the file is corrupted or was written by another tool"
+            )
+        check_crc(file, key, packed, crcs)
+        masks[key] = unpack_mask(packed, shape)
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise ValueError(f"{file}: the metadata lists masks that are not in the file: {missing[:5]}; the file is corrupted")
+    return masks
+
+
+def read_sparsify_config(path: str | os.PathLike) -> dict | None:
+    """The ``sparsify_config.json`` record of a folder (``None`` if absent); ``ValueError`` if unreadable."""
+    folder = Path(path)
+    file = folder / CONFIG_FILE if folder.is_dir() else folder
+    if not file.exists():
+        return None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not valid JSON ({error}); it is truncated or corrupted — re-save the checkpoint") from error
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ValueError(f"{file} has no 'config' object; it was not written by hf_chts.save_sparse or is corrupted")
+    version = record.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{file}: format_version {version!r} is unknown (this hf_chts reads up to {FORMAT_VERSION}); upgrade hf_chts"
+        )
+    engine = record.get("engine")
+    if engine is not None and not isinstance(engine, dict):
+        raise ValueError(f"{file}: 'engine' must be an object or null; the file is corrupted")
+    return record
+
+
+def config_from_record(file: Path, record: dict) -> SparsifyConfig:
+    try:
+        return SparsifyConfig.from_dict(record["config"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{file}: the stored SparsifyConfig is invalid: {error}") from error
+
+
+def decode_engine_record(record: dict, masks: dict[str, torch.Tensor], config: dict) -> dict:
+    """JSON engine record + masks (by weight key) -> ``SparseTrainingEngine.state_dict()`` format."""
+    state = {}
+    for key, value in record.items():
+        if key in ("target_density", "schedule"):
+            continue  # informative only
+        if key == "generator_state":
+            try:
+                raw = base64.b64decode(value.encode("ascii"), validate=True)
+            except (ValueError, AttributeError) as error:
+                raise ValueError(f"{CONFIG_FILE}: engine.generator_state is not valid base64 ({error})") from error
+            value = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+        state[key] = value
+    state["config"] = config
+    by_module = {module_name_of(key): mask for key, mask in masks.items()}
+    state["masks"] = {name: by_module[name].clone() for name in sorted(by_module)}
+    state.setdefault("layers", {name: list(mask.shape) for name, mask in state["masks"].items()})
+    return state

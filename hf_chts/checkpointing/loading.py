@@ -1,0 +1,188 @@
+"""Loading sparse checkpoints: ``load_sparse``, ``read_engine_state`` and finding a checkpoint (folder or Hub)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import SparsifyConfig
+from ..io_utils import looks_like_local_path
+from ..layers import logical_shape_of
+from ..model import select_modules, sparsify
+from ..state import find_state
+from .compact import fill_compact, read_compact_values
+from .format import (
+    CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, config_from_record, decode_engine_record, module_name_of,
+    read_masks, read_sparsify_config, weight_key,
+)
+
+logger = logging.getLogger("hf_chts.checkpoint")  # the logger name users configure, whichever module logs
+
+_HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
+                       cache_dir: str | None = None, local_files_only: bool | None = None) -> Path:
+    """A local folder for a checkpoint path or a Hub repo id (``snapshot_download``; honours HF_HUB_OFFLINE)."""
+    local = Path(path_or_repo_id).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ValueError(f"{local} is a file; a checkpoint is a folder")
+    text = str(path_or_repo_id)
+    if looks_like_local_path(text):
+        raise FileNotFoundError(f"checkpoint folder {text} does not exist")
+    from huggingface_hub import constants, snapshot_download
+
+    offline = constants.is_offline_mode() if local_files_only is None else bool(local_files_only)
+    try:
+        return Path(snapshot_download(repo_id=text, revision=revision, token=token, cache_dir=cache_dir,
+                                      local_files_only=offline, allow_patterns=_HUB_ALLOW_PATTERNS))
+    except Exception as error:
+        where = "in the local Hugging Face cache (offline mode)" if offline else "on the Hugging Face Hub"
+        raise FileNotFoundError(
+            f"{text!r} is not a local checkpoint folder and could not be found {where}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def validate_masks(file: Path, model: nn.Module, config: SparsifyConfig,
+                    masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks by module name, checked against the layers ``config`` selects in ``model``."""
+    if config.is_dense:
+        if masks:
+            raise ValueError(f"{file} holds {len(masks)} masks but the stored SparsifyConfig is dense")
+        return {}
+    modules = select_modules(model, config)
+    expected = {weight_key(name): module for name, module in modules.items()}
+    extra = sorted(set(masks) - set(expected))
+    if extra:
+        raise ValueError(
+            f"{file}: mask {extra[0]!r} matches no sparsified layer of this {type(model).__name__} "
+            f"({len(extra)} such masks); the file belongs to another model or config"
+        )
+    missing = sorted(set(expected) - set(masks))
+    if missing:
+        raise ValueError(
+            f"{file}: no mask for the sparsified layer {missing[0]!r} ({len(missing)} missing); the file belongs to "
+            "another model or config, or is incomplete"
+        )
+    by_name = {}
+    for key, module in expected.items():
+        logical = logical_shape_of(module)
+        if tuple(masks[key].shape) != tuple(logical):
+            raise ValueError(
+                f"{file}: mask {key!r} has logical shape {list(masks[key].shape)} but the model's layer is "
+                f"{list(logical)} (out x in); the file belongs to another model"
+            )
+        by_name[module_name_of(key)] = masks[key]
+    return by_name
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _from_pretrained(folder: Path, sparse_keys: set[str], compact: bool, kwargs: dict) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(kwargs)
+    kwargs.pop("output_loading_info", None)
+    context = quiet_transformers() if compact else contextlib.nullcontext()
+    with context:
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    missing = set(info.get("missing_keys", ()))
+    if not compact and missing & sparse_keys:
+        raise ValueError(
+            f"{folder}: the weight files lack sparsified weights {sorted(missing & sparse_keys)[:5]}; "
+            "the checkpoint is incomplete"
+        )
+    if compact and missing - sparse_keys:
+        logger.warning("hf_chts: %s: weights %s were missing and randomly initialised", folder,
+                       sorted(missing - sparse_keys)[:5])
+    return model
+
+
+def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
+                cache_dir: str | None = None, local_files_only: bool | None = None,
+                **from_pretrained_kwargs) -> nn.Module:
+    """Load a sparse checkpoint (local folder or Hub repo id) as a sparsified model.
+
+    Loads the weights with ``AutoModelForCausalLM.from_pretrained`` (expanding
+    the compact format when present), reads the masks and the SparsifyConfig,
+    validates them against the model and calls ``sparsify(model, config, masks=...)``.
+    The engine progress is available with :func:`read_engine_state`.
+
+    Args:
+        path_or_repo_id: checkpoint folder or ``"org/name"`` on the Hub.
+        revision / token / cache_dir / local_files_only: Hub download options;
+            ``HF_HUB_OFFLINE=1`` restricts to the local cache.
+        **from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+
+    Returns:
+        The model; sparsified unless the folder has no ``sparsity.safetensors``
+        (then it is loaded dense with a warning).
+
+    Raises:
+        ValueError: naming the file and tensor on a truncated, corrupted or
+            mismatched ``sparsity.safetensors`` / ``sparse_weights.safetensors`` /
+            ``sparsify_config.json``.
+    """
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                local_files_only=local_files_only)
+    record = read_sparsify_config(folder)
+    compact = (folder / SPARSE_WEIGHTS_FILE).exists()
+    if not (folder / SPARSITY_FILE).exists():
+        if compact:
+            raise ValueError(
+                f"{folder} has {SPARSE_WEIGHTS_FILE} but no {SPARSITY_FILE}: the live values cannot be placed "
+                "without the masks; copy the complete checkpoint"
+            )
+        logger.warning("hf_chts: %s has no %s; loading it as a dense model (not sparse)", folder, SPARSITY_FILE)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(folder), **from_pretrained_kwargs)
+    masks = read_masks(folder)
+    if record is None:
+        raise ValueError(
+            f"{folder} has {SPARSITY_FILE} but no {CONFIG_FILE}: the SparsifyConfig needed to restore the layers is "
+            "missing; copy the complete checkpoint"
+        )
+    config = config_from_record(folder / CONFIG_FILE, record)
+    values = read_compact_values(folder, masks) if compact else None
+    model = _from_pretrained(folder, set(masks), compact, from_pretrained_kwargs)
+    by_name = validate_masks(folder / SPARSITY_FILE, model, config, masks)
+    sparsify(model, config, masks=by_name)
+    if values is not None:
+        fill_compact(model, values)
+    state = find_state(model)
+    state.loaded_engine_record = record.get("engine")
+    return model
+
+
+def read_engine_state(path: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
+                      cache_dir: str | None = None, local_files_only: bool | None = None) -> dict | None:
+    """The sparse-training engine state saved in a checkpoint, in ``SparseTrainingEngine.state_dict()`` format.
+
+    ``engine.load_state_dict(read_engine_state(folder))`` resumes exactly (step,
+    RNG, masks, history). Returns ``None`` when the folder holds no engine
+    progress (saved without an engine attached, or no ``sparsify_config.json``).
+    """
+    folder = resolve_checkpoint(path, revision=revision, token=token, cache_dir=cache_dir,
+                                local_files_only=local_files_only)
+    record = read_sparsify_config(folder)
+    if record is None or record.get("engine") is None:
+        return None
+    return decode_engine_record(record["engine"], read_masks(folder), record["config"])

@@ -1,0 +1,46 @@
+"""Reading a recipe file (with overrides) into a validated :class:`~hf_chts.recipe.schema.Recipe`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..suggest import did_you_mean
+from .overrides import apply_overrides, parse_overrides
+from .paths import check_input_paths
+from .schema import Recipe
+from .validation import recipe_from_dict
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | list[tuple[str, Any]] | None = None, *,
+                overwrite: bool = False) -> Recipe:
+    """Read, override and validate a recipe; check that every input path exists.
+
+    Raises ``FileNotFoundError`` (recipe, text files, local dataset path) or
+    ``ValueError`` (unknown key with a did-you-mean hint, bad value) — nothing
+    is downloaded, trained or written here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        folder = path.parent if str(path.parent) else Path(".")
+        if folder.is_dir():
+            names = [p.name for p in folder.glob("*.yaml")]
+            hint = did_you_mean(path.name, names) or (f" (recipes there: {', '.join(sorted(names))})" if names else "")
+        raise FileNotFoundError(f"recipe file {str(path)!r} does not exist{hint}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({error})") from error
+    recipe_from_dict(raw, where=str(path), check=not overrides)  # the file's own unknown keys / types first
+    if overrides and isinstance(overrides[0], str):
+        overrides = parse_overrides(overrides)
+    raw = apply_overrides(raw, overrides or [])
+    recipe = recipe_from_dict(raw, where=f"{path} (with overrides)" if overrides else str(path))
+    recipe.source = str(path)
+    if overwrite:
+        recipe.run.overwrite = True
+    check_input_paths(recipe)
+    return recipe

@@ -1,0 +1,109 @@
+"""A recipe's input paths (text files, local datasets and tokenizers) and its output folder."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import shutil
+import sys
+
+import yaml
+
+from ..io_utils import atomic_write_text, looks_like_local_path
+from .schema import RECIPE_COPY, SUMMARY_FILE, Recipe
+
+def resolve_text_files(patterns: list[str]) -> list[str]:
+    """Expand globs; every entry must match at least one existing file."""
+    files: list[str] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else ([expanded] if os.path.isfile(expanded) else [])
+        if not matches:
+            kind = "pattern matches no file" if glob.has_magic(expanded) else "file does not exist"
+            raise FileNotFoundError(f"data.text_files: {pattern!r}: {kind} (relative paths resolve against "
+                                    f"the working directory {os.getcwd()})")
+        files.extend(os.path.abspath(m) for m in matches)
+    return files
+
+
+def check_input_paths(recipe: Recipe) -> None:
+    data = recipe.data
+    if data.text_files:
+        data.text_files = resolve_text_files(data.text_files)
+    if data.dataset and looks_like_local_path(data.dataset) and not os.path.exists(os.path.expanduser(data.dataset)):
+        raise FileNotFoundError(f"data.dataset: local path {data.dataset!r} does not exist (a Hub dataset is named "
+                                "'org/name', e.g. Skylion007/openwebtext)")
+    name = recipe.tokenizer.name
+    if name and looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(f"tokenizer.name: local path {name!r} does not exist")
+
+
+def _comparable(recipe_dict: dict) -> dict:
+    data = copy.deepcopy(recipe_dict)
+    for key in ("overwrite", "resume"):
+        data.get("run", {}).pop(key, None)
+    return data
+
+
+def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys.extend(_diff_keys(a, b, f"{prefix}{key}."))
+        elif a != b:
+            keys.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return keys
+
+
+def check_output_dir(recipe: Recipe) -> str:
+    """Decide what to do with ``run.output_dir``: ``"new"``, ``"resume"`` or ``"overwrite"``.
+
+    Raises ``FileExistsError`` when the folder holds a different (or finished)
+    run and neither ``--overwrite`` nor ``run.resume`` was given, or when it is
+    a non-empty folder that is not an hf_chts run (never deleted).
+    """
+    out = recipe.output_dir
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise FileExistsError(f"run.output_dir {str(out)!r} exists and is not a folder")
+    marker, summary = out / RECIPE_COPY, out / SUMMARY_FILE
+    if not marker.exists() and not summary.exists():
+        if any(out.iterdir()):
+            raise FileExistsError(f"run.output_dir {str(out)!r} is a non-empty folder that holds no hf_chts run "
+                                  f"({RECIPE_COPY} / {SUMMARY_FILE} missing); choose a new or empty folder")
+        return "new"
+    try:
+        old = yaml.safe_load(marker.read_text(encoding="utf-8")) if marker.exists() else \
+            json.loads(summary.read_text(encoding="utf-8")).get("recipe", {})
+    except (yaml.YAMLError, json.JSONDecodeError, OSError):
+        old = {}
+    differences = _diff_keys(_comparable(old or {}), _comparable(recipe.to_dict()))
+    finished = summary.exists()
+    if recipe.run.overwrite:
+        return "overwrite"
+    if recipe.run.resume:
+        if differences:
+            print(f"hf_chts: resuming in {out} with a changed recipe: {'; '.join(differences[:8])}", file=sys.stderr)
+        return "resume"
+    if differences:
+        raise FileExistsError(
+            f"run.output_dir {str(out)!r} already holds a different run (recipe differs: {'; '.join(differences[:5])}"
+            f"{' ...' if len(differences) > 5 else ''}); pass --overwrite to replace it, set run.resume: true to "
+            "continue it, or choose another run.output_dir")
+    if finished:
+        raise FileExistsError(f"run.output_dir {str(out)!r} already holds a finished run of this recipe "
+                              f"({SUMMARY_FILE}); pass --overwrite to train it again or choose another run.output_dir")
+    return "new"  # same recipe, unfinished: start again from scratch (run.resume: true continues instead)
+
+
+def prepare_output_dir(recipe: Recipe, mode: str) -> None:
+    """Main process only: clear the folder when overwriting (it holds an hf_chts run) and write the recipe copy."""
+    out = recipe.output_dir
+    if mode == "overwrite" and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RECIPE_COPY, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -1,0 +1,52 @@
+"""Link budgets: how many links a layer holds at a density, and their split over row blocks.
+
+Used at initialisation and at every topology update (ALGORITHMS.md §2, §6).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+from .common import check_density
+
+__all__ = ["count_links", "allocate_links"]
+
+
+def count_links(density: float, numel: int) -> int:
+    """Number of links of a layer with ``numel`` entries at ``density``: ``round(density · numel)``.
+
+    Rounds half up (``floor(density · numel + 0.5)``), not Python's
+    round-half-even, so that e.g. ``count_links(0.5, 5) == 3``.
+    """
+    check_density(density)
+    if isinstance(numel, bool) or not isinstance(numel, numbers.Integral) or numel < 0:
+        raise ValueError(f"numel must be an int >= 0, got {numel!r}")
+    return min(int(numel), int(math.floor(density * numel + 0.5)))
+
+
+def allocate_links(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split a link budget over row blocks in proportion to their sizes (largest remainder).
+
+    Used for fused layers (q|k|v, gate|up): each block gets ``floor(total·size/Σsize)``
+    links, and the links left over go one each to the blocks with the largest
+    remainders (ties: the earlier block). The result sums exactly to ``total``
+    and never exceeds a block's ``size``. Exact integer arithmetic.
+    """
+    sizes = [int(s) for s in sizes]
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"sizes must all be >= 0, got {sizes}")
+    capacity = sum(sizes)
+    if isinstance(total, bool) or not isinstance(total, numbers.Integral) or not 0 <= total <= capacity:
+        raise ValueError(f"total must be an int in [0, sum(sizes)={capacity}], got {total!r}")
+    if capacity == 0:
+        return [0] * len(sizes)
+    total = int(total)
+    shares = [total * s // capacity for s in sizes]
+    remainders = [total * s % capacity for s in sizes]
+    leftover = total - sum(shares)  # < number of blocks with a positive remainder
+    by_remainder = sorted(range(len(sizes)), key=lambda b: (-remainders[b], b))
+    for block in by_remainder[:leftover]:
+        shares[block] += 1
+    return shares
