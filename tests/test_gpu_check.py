@@ -41,6 +41,7 @@ def statuses(output: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow  # a benchmark smoke run (the whole check on a tiny shape)
 def test_every_check_passes_on_cpu_tiny(gpu_check, capsys):
     assert gpu_check.main(TINY_ARGS) == 0
     table = statuses(capsys.readouterr().out)
@@ -49,6 +50,7 @@ def test_every_check_passes_on_cpu_tiny(gpu_check, capsys):
     assert set(table.values()) == {"PASS"}
 
 
+@pytest.mark.slow  # a benchmark smoke run (the whole check on a tiny shape)
 def test_wrong_density_fails_the_table(gpu_check, capsys, monkeypatch):
     right = gpu_check.expected_density
     monkeypatch.setattr(gpu_check, "expected_density", lambda engine, step: right(engine, step) + 0.05)
@@ -60,6 +62,7 @@ def test_wrong_density_fails_the_table(gpu_check, capsys, monkeypatch):
     assert [name for name, status in table.items() if status == "FAIL"] == ["CHTss: density follows schedule"]
 
 
+@pytest.mark.slow  # a benchmark smoke run (the whole check on a tiny shape)
 def test_a_section_that_raises_is_a_fail_row(gpu_check, capsys, monkeypatch):
     def broken(*args):
         raise RuntimeError("Expected all tensors to be on the same device")
