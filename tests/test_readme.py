@@ -1,5 +1,6 @@
 """The README's Python examples run as written (in a temporary working directory)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -56,6 +57,26 @@ def test_accelerate_loop_example_runs_and_checkpoints(tmp_path):
     check = run_code(
         "import hf_chts\n"
         "model = hf_chts.load_sparse('out/tiny-sparse')\n"
+        "print(round(hf_chts.sparsity_report(model).density, 3))\n",
+        tmp_path,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert check.stdout.strip().splitlines()[-1] == "0.3"
+
+
+@pytest.mark.slow
+def test_trainer_example_runs_and_reaches_the_target(tmp_path):
+    code = block_after("trainer-example")
+    result = run_code(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = tmp_path / "out" / "final"
+    record = json.loads((final / "sparsify_config.json").read_text())
+    assert record["engine"]["completed_steps"] == 100
+    assert [update["step"] for update in record["engine"]["history"]] == list(range(10, 71, 10))
+    assert record["engine"]["history"][-1]["target_density"] == 0.3
+    check = run_code(
+        "import hf_chts\n"
+        "model = hf_chts.load_sparse('out/final')\n"
         "print(round(hf_chts.sparsity_report(model).density, 3))\n",
         tmp_path,
     )
