@@ -4,6 +4,9 @@ Public API::
 
     from hf_chts import SparsifyConfig, sparsify, CHTssTrainerCallback
     from hf_chts import save_sparse, load_sparse, merge_lora, evaluate_model
+
+Documentation (in the repository): docs/README.md, with the algorithms (docs/algorithms.md),
+the checkpoint format (docs/checkpoint-format.md) and distributed semantics (docs/distributed.md).
 """
 
 from .config import SparsifyConfig

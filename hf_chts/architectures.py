@@ -7,7 +7,7 @@ This module tells, for each supported architecture,
   (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``, fused ``qkv``,
   fused ``gate_up``, plain MLP ``fc_in``/``fc_out``), and
 * how the neurons of those layers are coupled for network percolation
-  (ALGORITHMS.md §4): q/k rows at the same position (with RoPE pairs and GQA
+  (docs/algorithms.md §4): q/k rows at the same position (with RoPE pairs and GQA
   groups), v rows feeding o columns, gate/up rows feeding down columns.
 
 Couplings are plain data (module names + ``LongTensor`` index maps) so that
@@ -47,7 +47,7 @@ class NeuronRef:
 
 @dataclass
 class AttentionCoupling:
-    """q/k/v/o of one attention block (ALGORITHMS.md §4).
+    """q/k/v/o of one attention block (docs/algorithms.md §4).
 
     ``q``: rows ``(H, d)``; ``k``/``v``: rows ``(H_kv, d)``; ``o``: columns
     ``(H, d)``. ``rope_partner[i]`` is the dim RoPE mixes with dim ``i``

@@ -7,7 +7,7 @@
 At ``on_train_begin`` (the optimizer exists by then) the callback sparsifies
 the model if needed and builds a :class:`~hf_chts.engine.SparseTrainingEngine`
 sized from ``state.max_steps`` (optimizer steps: gradient accumulation and the
-number of processes are already accounted for by the Trainer). After every
+number of processes are already accounted for by the Trainer; docs/distributed.md §3). After every
 optimizer step it steps the engine, which runs the topology update when one
 is due; statistics go through ``Trainer.log`` as ``sparsity/*`` so they reach
 whatever ``report_to`` is set to. Checkpoints (``checkpoint-N/``) get the masks

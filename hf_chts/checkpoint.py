@@ -2,7 +2,7 @@
 
 The public API of :mod:`hf_chts.checkpointing`, in one place. The code is split
 by job: :mod:`~hf_chts.checkpointing.format` (the files, their encoding and
-validation; the format is documented there), :mod:`~hf_chts.checkpointing.saving`
+validation; the format is specified in docs/checkpoint-format.md), :mod:`~hf_chts.checkpointing.saving`
 (saving, the ``save_pretrained`` hook), :mod:`~hf_chts.checkpointing.compact`
 (the compact format), :mod:`~hf_chts.checkpointing.loading` (loading, the Hub)
 and :mod:`~hf_chts.checkpointing.tools` (``inspect`` / ``export``);

@@ -2,7 +2,7 @@
 
 A method preset (``"chtss"``, ``"chts"``, ``"cht"``, ``"set"``, ``"rigl"``,
 ``"gmp"``, ``"dense"``) fills every field left at ``None`` with the values of
-ALGORITHMS.md §7; fields given explicitly override the preset. The config is
+docs/algorithms.md §7; fields given explicitly override the preset. The config is
 validated on construction and round-trips through JSON.
 """
 
@@ -25,7 +25,7 @@ REGROWTHS = (*REGROWTH_METHODS, "none")  # "none": no regrowth (the engine skips
 SCHEDULES = ("sigmoid", "cubic", "constant")
 ZETA_SCHEDULES = ("cosine", "constant")
 
-# ALGORITHMS.md §7: methods as configurations. Values applied to fields left None.
+# docs/algorithms.md §7: methods as configurations. Values applied to fields left None.
 PRESETS: dict[str, dict[str, Any]] = {
     "chtss": dict(
         initial_density=1.0, init="brf", removal="soft", removal_alpha=1.0, prune_alpha=0.0, regrowth="ch2_l3n",
@@ -68,25 +68,25 @@ class SparsifyConfig:
     """Configuration of sparse training with the Cannistraci-Hebb rules.
 
     Args:
-        method: preset filling the defaults of ALGORITHMS.md §7: ``"chtss"``
+        method: preset filling the defaults of docs/algorithms.md §7: ``"chtss"``
             (sigmoid density decay, soft removal, CH2-L3n soft regrowth),
             ``"chts"``, ``"cht"``, ``"set"``, ``"rigl"``, ``"gmp"`` or ``"dense"``.
         target_density: fraction of live links per sparsified layer at the end, in (0, 1].
         initial_density: density at the start (``None``: the preset's; CHTss starts
             dense at 1.0, constant-density methods at ``target_density``).
-        init: initial topology when starting below density 1 (§2): ``er``, ``bsw``,
+        init: initial topology when starting below density 1 (docs/algorithms.md §2): ``er``, ``bsw``,
             ``brf``, ``bsf``, ``csti`` or ``dense``.
         init_beta: rewiring probability of ``bsw`` in [0, 1].
         init_r: receptive-field radius of ``brf`` in [0, 1].
         init_degree_mode: ``brf`` degree distribution, ``"uniform"`` or ``"fixed"``.
         bsf_equal_partition: ``bsf`` option (every node of the first side linked).
         bsf_resort: ``bsf`` option: permute the hidden neurons of each MLP chain so that
-            in-degree and out-degree ranks agree (hubs feed hubs; paper §3.1.1).
+            in-degree and out-degree ranks agree (hubs feed hubs; CHTs paper §3.1.1).
         reinit_weights: re-initialise live weights for their sparse fan-in (paper option).
         removal: ``"soft"`` (sampled ∝ importance^T), ``"rigid"`` (top-k) or ``"none"``.
-        removal_alpha: α of §3, blending relative importance (0) and magnitude (1).
+        removal_alpha: α of docs/algorithms.md §3.1, blending relative importance (0) and magnitude (1).
         removal_delta_start / removal_delta_end: δ range of the removal temperature
-            ``T = δ/(1−δ)``, rising linearly over the update window (§3).
+            ``T = δ/(1−δ)``, rising linearly over the update window (docs/algorithms.md §6.3).
         prune_alpha: α of the importance used to prune to the scheduled density
             (CHTss: 0 = relative importance).
         regrowth: ``"ch2_l3n"``, ``"ch3_l3n"``, ``"ch3_l3"`` (path-based CHT),
@@ -102,13 +102,14 @@ class SparsifyConfig:
         decay_start_fraction / decay_end_fraction: decay window as fractions of the
             total steps (``None`` end: the update end). The final density is reached
             exactly at the last update inside the window.
-        percolation: remove links of inactive neurons after removal (§4).
-        rope_aware: treat RoPE-mixed q/k dims as one unit in percolation (§4).
+        percolation: remove links of inactive neurons after removal (docs/algorithms.md §4).
+        rope_aware: treat RoPE-mixed q/k dims as one unit in percolation (docs/algorithms.md §4).
         parity: reproduce the authors' released LLaMA code where it differs from the
-            paper: δ end 0.9 (T 1→9), RoPE-unaware percolation, rigid regrowth,
-            skipped optimizer step on update steps.
-        skip_optimizer_step_on_update: parity option of §6.
-        lr_rewarmup_steps: after each update, scale the LR by ``min(1, (t mod Δ)/w)``; 0 disables.
+            paper: δ end 0.9 (T 1→9), RoPE-unaware percolation, rigid regrowth, skipped
+            optimizer step on update steps (docs/algorithms.md §9).
+        skip_optimizer_step_on_update: parity option (docs/algorithms.md §6.5).
+        lr_rewarmup_steps: w; the ``j``-th step after each update gets the LR times ``min(1, j/w)``
+            (docs/algorithms.md §6.5); 0 disables.
         target_modules: module names, suffixes or a regex (PEFT conventions); ``None``
             = every linear of the decoder blocks for the architecture.
         exclude_modules: names, suffixes or a regex never sparsified.
@@ -286,7 +287,7 @@ class SparsifyConfig:
 
     @property
     def removal_temperature_range(self) -> tuple[float, float]:
-        """(T_start, T_end) from the δ range, ``T = δ/(1−δ)`` (§3)."""
+        """(T_start, T_end) from the δ range, ``T = δ/(1−δ)`` (docs/algorithms.md §3.1)."""
         from .topology.removal import delta_to_temperature
 
         return delta_to_temperature(self.removal_delta_start), delta_to_temperature(self.removal_delta_end)

@@ -1,12 +1,12 @@
 """``SparseTrainingEngine``: owns the masks' evolution, the step counter and the RNG.
 
-At every update step (ALGORITHMS.md §6) it runs, for every sparsified layer
+At every update step (docs/algorithms.md#66-one-topology-update) it runs, for every sparsified layer
 (each row block of a fused layer on its own):
 
-1. prune to the scheduled density by importance top-k (§3, α = ``prune_alpha``),
-2. soft (or rigid) removal of a fraction ζ_t of the live links (§3),
-3. network percolation over the coupled layers of the model (§4),
-4. regrowth back to the scheduled density (§5),
+1. prune to the scheduled density by importance top-k (docs/algorithms.md §3.3, α = ``prune_alpha``),
+2. soft (or rigid) removal of a fraction ζ_t of the live links (docs/algorithms.md §3.3),
+3. network percolation over the coupled layers of the model (docs/algorithms.md §4),
+4. regrowth back to the scheduled density (docs/algorithms.md §5),
 
 then writes the masks into the layers, zeroes the weights and the optimizer
 moments of removed and regrown links, and records per-update statistics.
@@ -48,7 +48,7 @@ ENGINE_STATE_VERSION = 1
 
 #: Optimizers whose step leaves a weight at exactly 0 when its gradient and its state are 0 (plain and
 #: decoupled weight decay of 0 is 0; Adam's 0 / (sqrt(0) + eps) is 0). With masked gradients and the
-#: state of cut links zeroed, masked weights stay 0 without a per-step re-mask (ALGORITHMS.md §1);
+#: state of cut links zeroed, masked weights stay 0 without a per-step re-mask (docs/algorithms.md §1);
 #: any other optimizer gets its weights multiplied by the masks after every step.
 ZERO_PRESERVING_OPTIMIZERS = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
@@ -144,7 +144,7 @@ class SparseTrainingEngine:
 
     # ------------------------------------------------------------ optimizer
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep the masking invariant around every step of ``optimizer`` (§1).
+        """Keep the masking invariant around every step of ``optimizer`` (docs/algorithms.md §1).
 
         Gradients are masked before the step (unless the per-parameter hook already
         did it in a single process); weights are re-masked after the step only for
@@ -184,7 +184,7 @@ class SparseTrainingEngine:
         self._restore.append(lambda: optimizer.__dict__.pop("step", None))
 
     def attach_lr_scheduler(self, scheduler) -> None:
-        """Multiply a ``LambdaLR``-style scheduler's factors by the re-warm-up multiplier (§6)."""
+        """Multiply a ``LambdaLR``-style scheduler's factors by the re-warm-up multiplier (docs/algorithms.md §6.5)."""
         if self.config.lr_rewarmup_steps <= 0:
             return
         scheduler = getattr(scheduler, "scheduler", scheduler)
@@ -218,6 +218,7 @@ class SparseTrainingEngine:
                     self._dense_grads[name] = grad.detach().abs().float().clone()
         # Distributed runs always re-mask: DDP/FSDP write reduced gradients into ``.grad``
         # after (or instead of) the per-parameter hook. In one process the hook already did it.
+        # (docs/distributed.md#2-how-an-update-is-computed)
         distributed = dist.is_available() and dist.is_initialized()
         for layer in self.layers.values():
             hooked = layer.mask_gradients and layer.has_grad_hook
@@ -259,7 +260,7 @@ class SparseTrainingEngine:
     # ---------------------------------------------------------------- update
     @torch.no_grad()
     def update_topology(self) -> UpdateStats:
-        """Prune to schedule, remove, percolate, regrow (ALGORITHMS.md §3–§6) for every layer."""
+        """Prune to schedule, remove, percolate, regrow (docs/algorithms.md §6.6) for every layer."""
         started = time.perf_counter()
         step = self.completed_steps
         density = self.schedule.density_at(step)
@@ -281,7 +282,8 @@ class SparseTrainingEngine:
         masks = {name: self._prune_and_remove(name, budgets[name], zeta, temperature) for name in self.layers}
         if self.config.percolation and (self.topology.attention or self.topology.mlp):
             masks.update(percolate(masks, self.topology, rope_aware=self.config.rope_aware).masks)
-        active, total = active_neurons(masks, self.topology)  # ANP: post-percolation, before regrowth (§4)
+        # ANP: after percolation, before regrowth (docs/algorithms.md §4)
+        active, total = active_neurons(masks, self.topology)
         grown = {name: self._regrow(name, masks[name], budgets[name]) for name in self.layers}
 
         removed_total = regrown_total = overlap_total = 0
@@ -304,13 +306,13 @@ class SparseTrainingEngine:
         return stats
 
     def _block_budgets(self, name: str, density: float) -> list[int]:
-        """Links each row block of a layer holds at ``density`` (exact layer total, §2)."""
+        """Links each row block of a layer holds at ``density`` (exact layer total, docs/algorithms.md §2.1)."""
         mask = self.layers[name].mask
         blocks = self.topology.layers[name].blocks
         return allocate_links(count_links(density, mask.numel()), [len(b.rows) * mask.shape[1] for b in blocks])
 
     def _prune_and_remove(self, name: str, budgets: list[int], zeta: float, temperature: float) -> torch.Tensor:
-        """Prune each block to its budget by importance top-k, then remove ζ·live links (§3, §6)."""
+        """Prune each block to its budget by importance top-k, then remove ζ·live links (docs/algorithms.md §3.3)."""
         layer = self.layers[name]
         weight = layer.full_logical_weight().detach()
         mask = layer.mask.clone()
@@ -327,7 +329,7 @@ class SparseTrainingEngine:
         return mask
 
     def _regrow(self, name: str, mask: torch.Tensor, budgets: list[int]) -> torch.Tensor:
-        """Refill each block of ``mask`` (in place) to its budget (§5); returns the grown links."""
+        """Refill each block of ``mask`` (in place) to its budget (docs/algorithms.md §5); returns the grown links."""
         grown = torch.zeros_like(mask)
         if self.config.regrowth == "none":
             return grown
@@ -350,7 +352,7 @@ class SparseTrainingEngine:
         return grown
 
     def _apply_layer_update(self, layer: SparseLayerMixin, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
-        """Write the mask, zero regrown weights, and zero the moments of cut and regrown links (§1)."""
+        """Write the mask, zero regrown weights, zero the moments of cut and regrown links (docs/algorithms.md §1)."""
         layer.set_mask(new_mask)
         keep = (new_mask & ~grown).to(layer.mask.device)  # surviving links keep weight and moments
         weight = layer.weight
@@ -386,7 +388,10 @@ class SparseTrainingEngine:
         return checksum
 
     def verify_masks_across_ranks(self) -> None:
-        """Raise ``RuntimeError`` if the masks differ between distributed ranks (debug / tests)."""
+        """Raise ``RuntimeError`` if the masks differ between distributed ranks (debug / tests).
+
+        Why they should not: docs/distributed.md#1-same-masks-on-every-rank.
+        """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         local = self.mask_checksum()

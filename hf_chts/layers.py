@@ -4,7 +4,7 @@ A sparsified layer keeps its class's parameters (``weight``/``bias``, same
 names, shapes and storage as before, so ``state_dict()`` keys are unchanged)
 and gains a boolean ``mask`` buffer (not persistent: it is saved explicitly
 in ``sparsity.safetensors``). The forward pass is the parent's plain dense
-matmul: the masking invariant of ALGORITHMS.md §1 (masked weights, gradients
+matmul: the masking invariant of docs/algorithms.md#1-notation-and-the-masking-invariant (masked weights, gradients
 and optimizer moments are exactly zero) is maintained around the optimizer
 step instead of by multiplying in every forward.
 
@@ -99,7 +99,7 @@ class SparseLayerMixin:
 
         The full mask stays on every rank (one byte per weight) for the topology
         code; the masking of weights, gradients and optimizer moments uses the
-        shard that follows the weight's sharding.
+        shard that follows the weight's sharding (docs/distributed.md §2).
         """
         if self.is_sharded:
             full = self.storage_view(self.mask)

@@ -129,7 +129,7 @@ def _capture_layer_inputs(model: nn.Module, modules: dict[str, nn.Module], batch
 def initial_masks(
     model: nn.Module, config: SparsifyConfig, topology: ModelTopology, modules: dict[str, nn.Module], calibration_batch=None
 ) -> dict[str, torch.Tensor]:
-    """Initial topology of every selected layer (ALGORITHMS.md §2), exact link counts per row block."""
+    """Initial topology of every selected layer (docs/algorithms.md §2), exact link counts per row block."""
     from .topology.budgets import allocate_links, count_links
     from .topology.init import build_mask
 
@@ -233,7 +233,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
                 reinit_sparse_weight_(weight, layer.mask, gain=max(gain, 1e-12),
                                       generator=layer_generator(config.seed, name + "/reinit"))
     attach_state(model, SparseModelState(config, topology))
-    # masks are identical on every rank by construction: DDP need not broadcast them each forward
+    # masks are identical on every rank by construction (docs/distributed.md §1): DDP need not broadcast them
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = ignored + [f"{name}.mask" for name in modules]
     install_save_hook(model)  # save_pretrained / Trainer.save_model also write the masks

@@ -1,4 +1,4 @@
-"""Schedules of ALGORITHMS.md §6: density decay, removal fraction, removal
+"""Schedules of docs/algorithms.md#6-schedules-and-the-update-step: density decay, removal fraction, removal
 temperature and the optional LR re-warm-up. Pure functions of the step.
 
 Steps are *optimizer* steps. A topology update happens after optimizer step
@@ -14,7 +14,7 @@ from .config import SparsifyConfig
 
 
 def sigmoid_decay_progress(update_index: float, num_updates: int, k: float = 6.0) -> float:
-    """``g(i) = (σ(k(i−m)/m) − ½)/(σ(k) − σ(−k)) + ½`` with ``m = n/2`` (§6).
+    """``g(i) = (σ(k(i−m)/m) − ½)/(σ(k) − σ(−k)) + ½`` with ``m = n/2`` (docs/algorithms.md §6.4).
 
     ``g(0) = 0`` and ``g(n) = 1`` exactly; symmetric around ``m``.
     """
@@ -33,7 +33,7 @@ def sigmoid_decay_progress(update_index: float, num_updates: int, k: float = 6.0
 
 
 def cubic_decay_progress(update_index: float, num_updates: int) -> float:
-    """GMP's cubic schedule as a progress in [0, 1]: ``1 − (1 − i/n)³`` (§6)."""
+    """GMP's cubic schedule as a progress in [0, 1]: ``1 − (1 − i/n)³`` (docs/algorithms.md §6.4)."""
     fraction = min(max(update_index / num_updates, 0.0), 1.0)
     return 1.0 - (1.0 - fraction) ** 3
 
@@ -48,7 +48,7 @@ def removal_fraction_at(step: int, zeta: float, update_end: int, kind: str = "co
 
 
 def temperature_at(step: int, start: float, end: float, update_end: int) -> float:
-    """Removal temperature rising linearly from ``start`` to ``end`` over ``[0, T_end]`` (§3).
+    """Removal temperature rising linearly from ``start`` to ``end`` over ``[0, T_end]`` (docs/algorithms.md §6.3).
 
     An infinite end (δ_end = 1, rigid removal) gives ``inf`` throughout.
     """
@@ -59,7 +59,7 @@ def temperature_at(step: int, start: float, end: float, update_end: int) -> floa
 
 
 def lr_rewarmup_multiplier(completed_steps: int, update_interval: int, warmup_steps: int, update_end: int) -> float:
-    """LR multiplier ``min(1, j/w)`` for the ``j``-th step after the last topology update (§6).
+    """LR multiplier ``min(1, j/w)`` for the ``j``-th step after the last topology update (docs/algorithms.md §6.5).
 
     1 before the first update, once the last update lies beyond the update
     window, or when ``warmup_steps`` is 0.
@@ -132,7 +132,7 @@ class SparseSchedule:
         return list(range(self.update_interval, self.update_end + 1, self.update_interval))
 
     def decay_index(self, step: int) -> int:
-        """Update index ``i`` of §6 inside the decay window, clipped to ``[0, n]``."""
+        """Update index ``i`` of docs/algorithms.md §6.4 inside the decay window, clipped to ``[0, n]``."""
         return min(max((step - self.decay_start) // self.update_interval, 0), self.num_decay_updates)
 
     def density_at(self, step: int) -> float:

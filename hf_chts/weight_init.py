@@ -1,4 +1,7 @@
-"""Sparse weight re-initialisation for the live fan-in of each neuron (not a topology: it changes weights)."""
+"""Sparse weight re-initialisation for the live fan-in of each neuron (not a topology: it changes weights).
+
+Described in docs/algorithms.md#23-sparse-weight-re-initialisation-option.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CH link-prediction scores (ALGORITHMS.md §5) against node-by-node references."""
+"""CH link-prediction scores (docs/algorithms.md §5) against node-by-node references."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def neighbour_sets(mask: torch.Tensor) -> tuple[list[set[int]], list[set[int]]]:
 
 
 def brute_force_ch_l3n(mask: torch.Tensor, variant: str) -> torch.Tensor:
-    """Node-by-node CH-L3n of ALGORITHMS.md §5, with python sets.
+    """Node-by-node CH-L3n of docs/algorithms.md §5, with python sets.
 
     S(u, v) = Σ_{b ∈ N(v), b ~ u} term(iLCL_u(b), eLCL_u(b)) + Σ_{a ∈ N(u), a ~ v} term(...)
     where b ~ u means b and u share a neighbour, iLCL_u(b) = |N(b) ∩ N(u)| and

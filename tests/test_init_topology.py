@@ -1,4 +1,4 @@
-"""Initial sparse topologies (ALGORITHMS.md §2): hf_chts.topology.init, .budgets, .bsf, and hf_chts.weight_init.
+"""Initial sparse topologies (docs/algorithms.md §2): hf_chts.topology.init, .budgets, .bsf, and hf_chts.weight_init.
 
 Behaviour is checked against slow, obvious references on small layers
 (brute-force ring distances, numpy correlations, exact-fraction largest

@@ -1,4 +1,4 @@
-"""Network percolation (ALGORITHMS.md §4) against a naive loop reference."""
+"""Network percolation (docs/algorithms.md §4) against a naive loop reference."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def full_masks(shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------
-# Naive reference: the rules of ALGORITHMS.md §4 with explicit loops, applied
+# Naive reference: the rules of docs/algorithms.md §4 with explicit loops, applied
 # until nothing changes (so it also checks the one-pass fixpoint claim).
 # --------------------------------------------------------------------------
 def reference_percolate(masks, topology, rope_aware=True):

@@ -1,5 +1,6 @@
 """The README's Python examples run as written (in a temporary working directory)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -24,6 +25,18 @@ def block_after(marker: str) -> str:
 
 def run_code(code: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def reloaded_density(cwd: Path, folder: str) -> str:
+    """The density of ``folder`` reloaded with ``hf_chts.load_sparse`` in a fresh interpreter, rounded to 3 digits."""
+    check = run_code(
+        "import hf_chts\n"
+        f"model = hf_chts.load_sparse({folder!r})\n"
+        "print(round(hf_chts.sparsity_report(model).density, 3))\n",
+        cwd,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    return check.stdout.strip().splitlines()[-1]
 
 
 def test_readme_two_commands_come_first():
@@ -53,11 +66,17 @@ def test_accelerate_loop_example_runs_and_checkpoints(tmp_path):
     assert lines[-1].split()[3] == "0.300"
     assert (tmp_path / "out" / "accelerate-state").is_dir()
     assert list((tmp_path / "out" / "accelerate-state").glob("custom_checkpoint_0.*"))
-    check = run_code(
-        "import hf_chts\n"
-        "model = hf_chts.load_sparse('out/tiny-sparse')\n"
-        "print(round(hf_chts.sparsity_report(model).density, 3))\n",
-        tmp_path,
-    )
-    assert check.returncode == 0, check.stderr[-3000:]
-    assert check.stdout.strip().splitlines()[-1] == "0.3"
+    assert reloaded_density(tmp_path, "out/tiny-sparse") == "0.3"
+
+
+@pytest.mark.slow
+def test_trainer_example_runs_and_reaches_the_target(tmp_path):
+    code = block_after("trainer-example")
+    result = run_code(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = tmp_path / "out" / "final"
+    record = json.loads((final / "sparsify_config.json").read_text())
+    assert record["engine"]["completed_steps"] == 100
+    assert [update["step"] for update in record["engine"]["history"]] == list(range(10, 71, 10))
+    assert record["engine"]["history"][-1]["target_density"] == 0.3
+    assert reloaded_density(tmp_path, "out/final") == "0.3"

@@ -135,7 +135,7 @@ def test_paper_preset_parameter_count_matches_name(preset):
 
 
 def test_llama_1b_preset_is_the_paper_configuration():
-    # ALGORITHMS.md §8: 2048 hidden / 5461 FFN / 24 layers / 32 heads: 1.339B parameters with untied
+    # docs/algorithms.md §8: 2048 hidden / 5461 FFN / 24 layers / 32 heads: 1.339B parameters with untied
     # embeddings (1.21B without). The paper (after GaLore) calls this configuration "1B"; it is not
     # within 10% of 1e9 under any usual counting convention -- documented in recipes/README.md.
     counts = R.parameter_count("llama-1b")

@@ -1,4 +1,4 @@
-"""Link regrowth (ALGORITHMS.md §5): counts, candidates, selection rules, determinism."""
+"""Link regrowth (docs/algorithms.md §5): counts, candidates, selection rules, determinism."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Link removal (ALGORITHMS.md §3): importance, soft removal, RI pruning."""
+"""Link removal (docs/algorithms.md §3): importance, soft removal, RI pruning."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from hf_chts.topology.removal import (
 
 def random_layer(n_out: int, n_in: int, density: float, seed: int,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight and mask pair with exact zeros outside the mask (ALGORITHMS.md §1)."""
+    """A weight and mask pair with exact zeros outside the mask (docs/algorithms.md §1)."""
     generator = torch.Generator().manual_seed(seed)
     mask = torch.rand(n_out, n_in, generator=generator) < density
     weight = torch.randn(n_out, n_in, generator=generator) * mask
@@ -28,7 +28,7 @@ def random_layer(n_out: int, n_in: int, density: float, seed: int,
 
 def naive_importance(weight: torch.Tensor, mask: torch.Tensor, alpha: float,
                      eps: float = 1e-5) -> torch.Tensor:
-    """R_ij of §3 with explicit loops in float64."""
+    """R_ij of docs/algorithms.md §3.1 with explicit loops in float64."""
     w = weight.double().abs().tolist()
     m = mask.tolist()
     n_out, n_in = mask.shape

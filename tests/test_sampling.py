@@ -1,4 +1,4 @@
-"""Sampling without replacement (ALGORITHMS.md §3): distribution, top-k limit, edge cases."""
+"""Sampling without replacement (docs/algorithms.md §3.2): distribution, top-k limit, edge cases."""
 
 from __future__ import annotations
 

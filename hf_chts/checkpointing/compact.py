@@ -1,4 +1,5 @@
-"""The compact checkpoint format: only the live values of sparsified weights.
+"""The compact checkpoint format: only the live values of sparsified weights
+(docs/checkpoint-format.md#4-compact-format).
 
 ``save_sparse(..., compact=True)`` or ``hf-chts export --format compact``:
 ``model.safetensors`` holds only the tensors of non-sparsified modules and

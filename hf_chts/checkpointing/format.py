@@ -1,37 +1,14 @@
 """The on-disk format of a sparse checkpoint: file names, encoding and decoding, validation.
 
-A checkpoint folder is a normal Hugging Face model folder plus two files::
-
-    config.json, generation_config.json      (transformers)
-    model.safetensors (or shards + index)    dense weights, exactly 0 at masked positions
-    tokenizer files                          (when a tokenizer is given)
-    sparsity.safetensors                     one uint8 entry per sparsified weight
-    sparsify_config.json                     SparsifyConfig + sparse-training progress
-
-``sparsity.safetensors``
-    key: the weight's ``state_dict`` key (``model.layers.0.self_attn.q_proj.weight``);
-    value: the boolean mask in the *logical* ``out x in`` layout (also for GPT-2's
-    ``Conv1D``, whose weight is stored ``in x out``), bit-packed with
-    ``numpy.packbits(mask, axis=-1, bitorder="little")`` -> uint8 ``[out, ceil(in/8)]``.
-    Metadata (str -> str): ``hf_chts_format_version``, ``content`` (``"masks"``),
-    ``packing``, ``shapes`` (JSON ``{key: [out, in]}``) and ``crc32`` (JSON
-    ``{key: crc32 of the packed bytes}``, checked on load).
-
-``sparsify_config.json``
-    ``{"format_version": 1, "hf_chts_version", "weights_format": "dense"|"compact",
-    "config": SparsifyConfig.to_dict(), "summary": {density, live_links, total_links},
-    "engine": null | {...}}``. ``engine`` holds the fields of
-    ``SparseTrainingEngine.state_dict()`` except the masks (in ``sparsity.safetensors``)
-    and the config (above): ``version``, ``completed_steps``, ``total_steps``,
-    ``generator_state`` (``torch.Generator.get_state()`` bytes, base64), ``layers``,
-    ``history`` (each update's stats without the per-layer ``layer_density``, which
-    would cost layers x updates numbers per checkpoint; it reloads as ``{}``); plus
-    informative ``target_density`` (current scheduled density) and ``schedule``
-    (update interval, update end, updates done / total, next update step).
-    :func:`decode_engine_record` turns it back into the exact ``state_dict()`` format.
-
-The compact format's ``sparse_weights.safetensors`` is described in
-:mod:`hf_chts.checkpointing.compact`.
+The format is specified in docs/checkpoint-format.md. In short, a checkpoint folder is a
+Hugging Face model folder (dense weights, exactly 0 at masked positions) plus
+``sparsity.safetensors`` (one bit-packed uint8 mask per sparsified weight, keyed by the
+weight's ``state_dict`` key, logical ``out x in`` layout, shapes and CRC-32s in the
+metadata; docs/checkpoint-format.md#2-sparsitysafetensors-the-masks) and
+``sparsify_config.json`` (the SparsifyConfig, a summary and the engine's progress;
+docs/checkpoint-format.md#3-sparsify_configjson). :func:`decode_engine_record` turns the
+stored engine record back into the exact ``SparseTrainingEngine.state_dict()`` format.
+The compact format's ``sparse_weights.safetensors`` is in :mod:`hf_chts.checkpointing.compact`.
 """
 
 from __future__ import annotations

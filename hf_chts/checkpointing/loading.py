@@ -1,4 +1,7 @@
-"""Loading sparse checkpoints: ``load_sparse``, ``read_engine_state`` and finding a checkpoint (folder or Hub)."""
+"""Loading sparse checkpoints: ``load_sparse``, ``read_engine_state`` and finding a checkpoint (folder or Hub).
+
+What is checked on load: docs/checkpoint-format.md#5-validation-on-load.
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """Saving sparse checkpoints: ``save_sparse``, ``write_sparsity_files`` and the ``save_pretrained`` hook.
 
-Writing happens on the main process only. A save is staged in a hidden folder
+Writing happens on the main process only (docs/checkpoint-format.md#6-writing). A save is staged in a hidden folder
 inside the target (``.hf_chts_staging-*``) and its files are then moved in with
 ``os.replace`` (weights first, the small sparsity files last) and stale weight
 files of the previous checkpoint (old shards, the other format) are removed, so
 an exception during a save leaves the previous checkpoint in the folder
 untouched. Not covered: a crash (power loss, SIGKILL) *during* the final
-renames can leave new weights beside old masks.
+renames can leave new weights beside old masks
+(docs/checkpoint-format.md#7-consistency-between-files-and-crash-safety).
 
 ``sparsify()`` installs a ``save_pretrained`` wrapper on the model instance
 (:func:`install_save_hook`), so ``model.save_pretrained``, ``Trainer.save_model``
@@ -285,7 +286,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
             commit_message: passed to the Hub API.
         max_shard_size: shard size of the weight files (``save_pretrained``).
 
-    Under FSDP2 (``fully_shard``) every rank must call it: the full weights are
+    Under FSDP2 (``fully_shard``) every rank must call it (docs/distributed.md §4): the full weights are
     gathered collectively, then the main process writes them.
 
     Returns:

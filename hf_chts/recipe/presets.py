@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 # --------------------------------------------------------------------------- model presets
-# ALGORITHMS.md §8 (the GaLore / CHTs LLaMA family; LLaMA vocabulary 32000, untied embeddings).
+# docs/algorithms.md §8 (the GaLore / CHTs LLaMA family; LLaMA vocabulary 32000, untied embeddings).
 # "llama-tiny" is a CPU toy whose vocabulary comes from the tokenizer.
 MODEL_PRESETS: dict[str, dict[str, int | None]] = {
     "llama-tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, vocab_size=None),

@@ -1,4 +1,7 @@
-"""Bipartite scale-free (BSF) initial topology and BSF neuron resorting (ALGORITHMS.md §2; paper §2.3, §3.1.1)."""
+"""Bipartite scale-free (BSF) initial topology and BSF neuron resorting.
+
+docs/algorithms.md §2.2; CHTs paper §2.3, §3.1.1 (references in docs/algorithms.md#references).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ def bsf_mask(
     generator: torch.Generator,
     equal_partition: bool = False,
 ) -> Tensor:
-    """Bipartite scale free (paper §2.3 and §3.1.1, ALGORITHMS.md §2).
+    """Bipartite scale free (CHTs paper §2.3 and §3.1.1, docs/algorithms.md §2.2).
 
     1. Barabási–Albert growth on the ``N = O + I`` neurons with exactly
        ``n_links`` links: node ``t`` attaches ``m_t`` links to distinct earlier
@@ -41,7 +44,7 @@ def bsf_mask(
        among empty positions with probability ∝ (deg_row + 1)(deg_col + 1)
        (exponential top-k), so the result has exactly ``n_links`` links.
 
-    ``equal_partition`` (paper §3.1.1, "EP"): afterwards, keeping every
+    ``equal_partition`` (CHTs paper §3.1.1, "EP"): afterwards, keeping every
     output neuron's (row's) degree, the links are redrawn so that every
     input neuron (column) has ⌊n/I⌋ or ⌈n/I⌉ links (degree >= 1 whenever
     ``n_links >= in_features``): rows in random order take the columns with
@@ -197,7 +200,7 @@ def _fill_preferentially_(mask: Tensor, count: int, generator: torch.Generator) 
 
 
 def _equal_partition_of_inputs(mask: Tensor, generator: torch.Generator) -> Tensor:
-    """Same row degrees, column degrees ⌊n/I⌋ or ⌈n/I⌉ (paper §3.1.1, "equal partition").
+    """Same row degrees, column degrees ⌊n/I⌋ or ⌈n/I⌉ (CHTs paper §3.1.1, "equal partition").
 
     Rows, in random order, take their links among the columns with the most
     remaining room (random tie-breaking): the bipartite Havel–Hakimi (Ryser)
@@ -223,7 +226,7 @@ def _equal_partition_of_inputs(mask: Tensor, generator: torch.Generator) -> Tens
 
 
 def resort_by_degree(in_degree: Tensor, consumer_mask: Tensor) -> Tensor:
-    """BSF "resorting of middle-layer neurons" (paper §3.1.1): permute the consumer's columns.
+    """BSF "resorting of middle-layer neurons" (CHTs paper §3.1.1): permute the consumer's columns.
 
     ``in_degree[j]`` is the number of links hidden neuron ``j`` receives (its row
     degree in the producing layer(s)); ``consumer_mask`` is the ``O x F`` mask of

@@ -1,6 +1,6 @@
 """Link budgets: how many links a layer holds at a density, and their split over row blocks.
 
-Used at initialisation and at every topology update (ALGORITHMS.md §2, §6).
+Used at initialisation and at every topology update (docs/algorithms.md#21-link-budgets).
 """
 
 from __future__ import annotations

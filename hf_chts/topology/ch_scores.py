@@ -1,11 +1,11 @@
 """Cannistraci-Hebb (CH) link-prediction scores on a bipartite layer mask.
 
-ALGORITHMS.md §5. A layer mask ``M`` (``O×I``) is a bipartite graph: row
+docs/algorithms.md §5.1 and §5.2. A layer mask ``M`` (``O×I``) is a bipartite graph: row
 (output) nodes ``u`` and column (input) nodes ``v``; ``M[u, v] = 1`` is a link.
 ``N(x)`` is the neighbour set of a node. Every score is returned as an
 ``O×I`` float32 tensor that is 0 on existing links.
 
-Node-based CH-L3n (``ch_l3n_scores``), the matrix form of §5::
+Node-based CH-L3n (``ch_l3n_scores``), the matrix form of docs/algorithms.md §5.1::
 
     P_out = M Mᵀ, P_in = Mᵀ M, B = 1[P ≠ 0], deg_out = M·1, deg_in = Mᵀ·1
     E_out[u, b] = B_out[u, b]·(deg_out[b] − P_out[u, b]);  E = max(E, 1) − 1
@@ -99,9 +99,9 @@ def _rows_per_chunk(n_rows: int, n_other: int, n_links: int,
 
 
 def _node_weights(common: Tensor, degree: Tensor, variant: str) -> Tensor:
-    """``W`` of §5 for a block of rows of ``P`` (float32, integer-valued ``common``).
+    """``W`` of docs/algorithms.md §5.1 (``Wt`` there) for a block of rows of ``P``, in float32.
 
-    ``common[u, b]`` is ``P[u, b]``; ``degree[b]`` the degree of node ``b``.
+    ``common[u, b]`` is ``P[u, b]`` (integer-valued); ``degree[b]`` the degree of node ``b``.
     """
     linked = common != 0
     external = torch.where(linked, degree.unsqueeze(0) - common, torch.zeros_like(common))
@@ -117,7 +117,7 @@ def ch_l3n_scores(
     *,
     chunk_rows: int | None = None,
 ) -> Tensor:
-    """Node-based CH2-L3n / CH3-L3n scores of every candidate link (ALGORITHMS.md §5).
+    """Node-based CH2-L3n / CH3-L3n scores of every candidate link (docs/algorithms.md §5.1).
 
     Returns an ``O×I`` float32 tensor, 0 on existing links. See the module
     docstring for the node-by-node meaning.
@@ -155,7 +155,7 @@ def ch_l3n_scores(
 
 
 def ch3_l3_path_scores(mask: Tensor) -> Tensor:
-    """Exact path-based CH3-L3 scores (CHT; ALGORITHMS.md §5, CHTs paper Eq. 3).
+    """Exact path-based CH3-L3 scores (CHT; docs/algorithms.md §5.2, CHTs paper Eq. 3).
 
     Sums ``1/sqrt((1 + de(z1))(1 + de(z2)))`` over every length-3 path
     ``u – z1 – z2 – v`` (definition of ``de`` in the module docstring).

@@ -1,12 +1,12 @@
-"""Initial sparse topologies of a layer (ALGORITHMS.md §2).
+"""Initial sparse topologies of a layer (docs/algorithms.md#2-initial-topology).
 
 Every builder is a pure function ``(shape, link budget, generator) -> mask``:
 a ``torch.bool`` tensor of the logical ``out_features x in_features`` shape
 (the ``nn.Linear`` layout) holding exactly the requested number of links, the
 same for the same generator state, on the CPU.
 
-Methods (ALGORITHMS.md §2; paper: papers/chts-soft-rule-2024.txt §2.3, §2.4,
-§3.1; BRF: CHTss/BRF paper, NeurIPS 2025):
+Methods (docs/algorithms.md §2.2; papers: [CHTs-2024] §2.3, §2.4, §3.1 and, for BRF,
+[CHTss-2025], listed in docs/algorithms.md#references):
 
 * ``er``    uniform random links (SET's default).
 * ``bsw``   bipartite small world: a wrap-around band around the rectangular
@@ -73,7 +73,7 @@ def build_mask(
     bsf_equal_partition: bool = False,
     calibration_inputs: Tensor | None = None,
 ) -> Tensor:
-    """Initial mask ``[out_features, in_features]`` of one layer (ALGORITHMS.md §2).
+    """Initial mask ``[out_features, in_features]`` of one layer (docs/algorithms.md §2).
 
     Holds exactly ``count_links(density, out_features·in_features)`` links,
     except ``method="dense"``, which is all ones whatever the density. Every
@@ -108,7 +108,7 @@ def build_mask(
 
 
 def dense_mask(out_features: int, in_features: int) -> Tensor:
-    """All links present (dense start of CHTss, ALGORITHMS.md §2)."""
+    """All links present (dense start of CHTss, docs/algorithms.md §2)."""
     check_shape(out_features, in_features)
     return torch.ones(out_features, in_features, dtype=torch.bool)
 
@@ -126,7 +126,7 @@ def er_mask(out_features: int, in_features: int, n_links: int, generator: torch.
 def bsw_mask(
     out_features: int, in_features: int, n_links: int, beta: float, generator: torch.Generator
 ) -> Tensor:
-    """Bipartite small world (paper §2.3, ALGORITHMS.md §2).
+    """Bipartite small world (CHTs paper §2.3, docs/algorithms.md §2.2).
 
     1. Lattice: on the ``min x max`` construction, row ``i`` gets ``k_i`` of
        ⌊K⌋ or ⌊K⌋+1 (``K = n_links / min``; the rows with +1 are a random
@@ -175,7 +175,7 @@ def brf_mask(
     degree_mode: str,
     generator: torch.Generator,
 ) -> Tensor:
-    """Bipartite receptive field (CHTss/BRF paper, ALGORITHMS.md §2).
+    """Bipartite receptive field (CHTss/BRF paper, docs/algorithms.md §2.2).
 
     On the ``min x max`` construction:
 
@@ -241,7 +241,7 @@ def _at_least_one_then_uniform(total: int, rows: int, cap: int, generator: torch
 
 
 def csti_mask(out_features: int, in_features: int, n_links: int, calibration_inputs: Tensor | None) -> Tensor:
-    """Correlated sparse topological initialisation (paper §2.4; CHT, ICLR 2024).
+    """Correlated sparse topological initialisation (CHTs paper §2.4; CHT, ICLR 2024; docs/algorithms.md §2.2).
 
     The paper: "CSTI generates the adjacency matrix by computing the Pearson
     correlation between each input feature across the calibration dataset and
@@ -292,7 +292,7 @@ def _abs_pearson_without_diagonal(samples: Tensor) -> Tensor:
 
 
 def _construction_shape(out_features: int, in_features: int) -> tuple[int, int, bool]:
-    """``(rows, cols, transposed)``: rows are the smaller side (ALGORITHMS.md §2)."""
+    """``(rows, cols, transposed)``: rows are the smaller side (docs/algorithms.md §2)."""
     if out_features > in_features:
         return in_features, out_features, True
     return out_features, in_features, False

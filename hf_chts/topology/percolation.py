@@ -1,4 +1,4 @@
-"""Network percolation (ALGORITHMS.md §4) as a pure function of masks.
+"""Network percolation (docs/algorithms.md#4-network-percolation) as a pure function of masks.
 
 After soft removal some neurons have no live link on one side. Such a neuron
 is *inactive*: whatever it receives is never read (no outgoing links) or it
@@ -78,7 +78,7 @@ LinksOf = Callable[[NeuronRef], torch.Tensor]  # ref -> bool map shaped like ref
 
 @dataclass
 class PercolationResult:
-    """Outcome of :func:`percolate` (ALGORITHMS.md §4).
+    """Outcome of :func:`percolate` (docs/algorithms.md §4).
 
     ``masks`` holds a new tensor for every layer given (inputs are never
     mutated); ``removed`` the number of links percolation removed per layer;
@@ -103,7 +103,7 @@ class PercolationResult:
 # Public API
 # --------------------------------------------------------------------------
 def percolate(masks: Masks, topology: ModelTopology, rope_aware: bool = True) -> PercolationResult:
-    """Remove the links of inactive neurons (ALGORITHMS.md §4).
+    """Remove the links of inactive neurons (docs/algorithms.md §4).
 
     ``masks`` maps layer names to boolean ``out x in`` masks; only these
     layers are touched and returned (as copies). A coupling that references a
@@ -178,7 +178,7 @@ def _percolation_pass(masks: Masks, couplings: list[Coupling], rope_aware: bool)
 
 
 def _attention_dead(coupling: AttentionCoupling, has_links: LinksOf, rope_aware: bool) -> list[tuple[NeuronRef, torch.Tensor]]:
-    """Neurons of one attention block that have links but are dead (§4:
+    """Neurons of one attention block that have links but are dead (docs/algorithms.md §4:
     q/k coupled at the same position with RoPE pairs and GQA, v -> o chain)."""
     has_q, has_k = has_links(coupling.q), has_links(coupling.k)  # (H, d), (H_kv, d)
     has_v, has_o = has_links(coupling.v), has_links(coupling.o)  # (H_kv, d), (H, d)
@@ -210,7 +210,7 @@ def _attention_dead(coupling: AttentionCoupling, has_links: LinksOf, rope_aware:
 
 
 def _mlp_dead(coupling: MLPCoupling, has_links: LinksOf) -> list[tuple[NeuronRef, torch.Tensor]]:
-    """Hidden neurons of one MLP that have links but are dead (§4: gate/up
+    """Hidden neurons of one MLP that have links but are dead (docs/algorithms.md §4: gate/up
     coupled by the product, both chained to the down column)."""
     alive = has_links(coupling.output)
     input_links = [has_links(ref) for ref in coupling.inputs]

@@ -1,8 +1,8 @@
 """Link regrowth: choose ``n_grow`` new links among the empty positions.
 
-ALGORITHMS.md §5. Pure function: a mask in, a new mask and the flat indices
+docs/algorithms.md#5-link-regrowth. Pure function: a mask in, a new mask and the flat indices
 of the grown links out. Grown links start at weight 0 (the engine's job,
-§1).
+docs/algorithms.md §1).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def select_candidates(
     temperature: float,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Flat indices of ``n_grow`` candidates chosen by score (ALGORITHMS.md §5).
+    """Flat indices of ``n_grow`` candidates chosen by score (docs/algorithms.md §5.3).
 
     Candidates with a positive score are sampled without replacement
     ``∝ score^temperature`` (``math.inf``: top-k, i.e. rigid selection). When
@@ -90,7 +90,7 @@ def regrow(
     weight_grad: Tensor | None = None,
     ch_memory_budget_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Grow ``n_grow`` links at empty positions of ``mask`` (ALGORITHMS.md §5).
+    """Grow ``n_grow`` links at empty positions of ``mask`` (docs/algorithms.md §5).
 
     Methods:
 

@@ -1,6 +1,6 @@
 """Link removal: relative importance, soft (sampled) removal, RI pruning.
 
-Implements ALGORITHMS.md §3. All functions are pure: weights and masks in, a
+Implements docs/algorithms.md#3-link-removal. All functions are pure: weights and masks in, a
 new mask out. Shapes are the logical ``O×I`` (out × in) layout.
 """
 
@@ -31,7 +31,7 @@ def _check_same_shape(weight: Tensor, mask: Tensor) -> None:
 
 
 def removal_importance(weight: Tensor, mask: Tensor, alpha: float, eps: float = 1e-5) -> Tensor:
-    """Link importance ``R`` of ALGORITHMS.md §3 (float32, 0 outside the mask).
+    """Link importance ``R`` of docs/algorithms.md §3.1 (float32, 0 outside the mask).
 
     ``R_ij = |W_ij| / (2α + (1−α)(|W_i*| + eps)) + |W_ij| / (2α + (1−α)(|W_*j| + eps))``
     where ``|W_i*|`` / ``|W_*j|`` are the row / column sums of ``|W|·M``.
@@ -51,7 +51,7 @@ def removal_importance(weight: Tensor, mask: Tensor, alpha: float, eps: float = 
 
 
 def delta_to_temperature(delta: float) -> float:
-    """Sampling temperature ``T = δ/(1−δ)`` (ALGORITHMS.md §3); δ=1 → ∞, δ=0 → 0."""
+    """Sampling temperature ``T = δ/(1−δ)`` (docs/algorithms.md §3.1); δ=1 → ∞, δ=0 → 0."""
     if not 0.0 <= delta <= 1.0:
         raise ValueError(f"delta must be in [0, 1], got {delta}")
     if delta == 1.0:
@@ -62,7 +62,7 @@ def delta_to_temperature(delta: float) -> float:
 def _keepable_importance(weight: Tensor, mask: Tensor, alpha: float) -> Tensor:
     """Importance of the live links, made strictly positive on the mask.
 
-    A live link whose weight is exactly 0 (e.g. just regrown, ALGORITHMS.md §1)
+    A live link whose weight is exactly 0 (e.g. just regrown, docs/algorithms.md §1)
     has ``R == 0`` but must stay selectable, otherwise ``n_keep`` could exceed
     the number of samplable links. Such links get the smallest normal float32,
     which is below every positive importance, so the order among the other
@@ -95,7 +95,7 @@ def soft_removal(
 ) -> Tensor:
     """Keep exactly ``n_keep`` live links, sampled without replacement ∝ ``R^T``.
 
-    ALGORITHMS.md §3 (WM-soft for ``alpha=1``). ``temperature=math.inf`` keeps
+    docs/algorithms.md §3.3 (WM-soft for ``alpha=1``). ``temperature=math.inf`` keeps
     the top-``n_keep`` by importance (rigid magnitude removal), ``0`` keeps a
     uniformly random subset. Returns a new boolean mask that is a subset of
     ``mask``.
@@ -110,8 +110,8 @@ def soft_removal(
 def prune_to_count(weight: Tensor, mask: Tensor, n_keep: int, alpha: float) -> Tensor:
     """Deterministically keep the ``n_keep`` most important live links.
 
-    Used for the density decay of CHTss (ALGORITHMS.md §6, "RI top-k" with
-    ``alpha=0``); importance as in §3. Ties are broken by lowest flat index.
+    Used for the density decay of CHTss (docs/algorithms.md §3.3 and §6.6, "RI top-k" with
+    ``alpha=0``); importance as in docs/algorithms.md §3.1. Ties are broken by lowest flat index.
     """
     _check_same_shape(weight, mask)
     _check_keep_count(n_keep, mask)

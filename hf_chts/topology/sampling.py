@@ -1,6 +1,6 @@
 """Sampling without replacement for link removal and regrowth.
 
-ALGORITHMS.md §3 (soft removal) and §5 (soft regrowth) draw links without
+docs/algorithms.md §3.2: soft removal (§3) and soft regrowth (§5) draw links without
 replacement with probability ``p_i ∝ score_i ** T``. ``torch.multinomial``
 refuses more than 2**24 categories (a 7B FFN layer has 45 M entries), so the
 draw is done with the exponential ("Gumbel") top-k trick:
@@ -29,7 +29,7 @@ __all__ = ["weighted_sample_without_replacement", "uniform_sample", "exact_topk"
 
 
 def _key_dtype(scores: Tensor) -> torch.dtype:
-    """float64 for float64 input, float32 for everything else (ALGORITHMS.md §3)."""
+    """float64 for float64 input, float32 for everything else (docs/algorithms.md §3.2)."""
     return torch.float64 if scores.dtype == torch.float64 else torch.float32
 
 
@@ -79,7 +79,7 @@ def weighted_sample_without_replacement(
 ) -> Tensor:
     """Sample ``k`` distinct flat indices of ``scores`` with ``p_i ∝ scores_i ** temperature``.
 
-    ALGORITHMS.md §3/§5: exponential top-k, ``topk(T·log(s) − log(E))`` with
+    docs/algorithms.md §3.2: exponential top-k, ``topk(T·log(s) − log(E))`` with
     ``E ~ Exp(1)`` drawn from ``generator``.
 
     - ``temperature == math.inf``: exact top-k by score (deterministic, ties
