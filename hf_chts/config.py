@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .topology.budgets import BUDGET_ROUNDINGS
 from .topology.init import DEGREE_MODES, INIT_METHODS
 from .topology.regrowth import REGROWTH_METHODS, SELECTIONS
 
@@ -24,6 +25,8 @@ REMOVALS = ("soft", "rigid", "none")
 REGROWTHS = (*REGROWTH_METHODS, "none")  # "none": no regrowth (the engine skips it)
 SCHEDULES = ("sigmoid", "cubic", "constant")
 ZETA_SCHEDULES = ("cosine", "constant")
+TEMPERATURE_SCHEDULES = ("t_linear", "delta_linear")
+LR_REWARMUP_MODES = ("after_update", "every_cycle")
 
 # docs/algorithms.md §7: methods as configurations. Values applied to fields left None.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -86,7 +89,10 @@ class SparsifyConfig:
         removal: ``"soft"`` (sampled ∝ importance^T), ``"rigid"`` (top-k) or ``"none"``.
         removal_alpha: α of docs/algorithms.md §3.1, blending relative importance (0) and magnitude (1).
         removal_delta_start / removal_delta_end: δ range of the removal temperature
-            ``T = δ/(1−δ)``, rising linearly over the update window (docs/algorithms.md §6.3).
+            ``T = δ/(1−δ)`` over the update window (docs/algorithms.md §6.3).
+        removal_temperature_schedule: ``"t_linear"`` (default: T rises linearly from
+            T(δ_start) to T(δ_end), as the released code does) or ``"delta_linear"``
+            (δ rises linearly and ``T = δ/(1−δ)``, the paper's wording); see docs/parity.md.
         prune_alpha: α of the importance used to prune to the scheduled density
             (CHTss: 0 = relative importance).
         regrowth: ``"ch2_l3n"``, ``"ch3_l3n"``, ``"ch3_l3"`` (path-based CHT),
@@ -104,12 +110,23 @@ class SparsifyConfig:
             exactly at the last update inside the window.
         percolation: remove links of inactive neurons after removal (docs/algorithms.md §4).
         rope_aware: treat RoPE-mixed q/k dims as one unit in percolation (docs/algorithms.md §4).
-        parity: reproduce the authors' released LLaMA code where it differs from the
-            paper: δ end 0.9 (T 1→9), RoPE-unaware percolation, rigid regrowth, skipped
-            optimizer step on update steps (docs/algorithms.md §9).
+        parity: reproduce the authors' released LLaMA recipe where it differs from the
+            paper (every difference is a field below and is listed in docs/parity.md):
+            δ end 0.9 (T 1→9), no percolation (RoPE-unaware if switched on), rigid
+            regrowth, skipped optimizer step on update steps, LR re-warm-up of 10 steps
+            every cycle for the whole run, link budgets rounded down. Fields given
+            explicitly still win.
         skip_optimizer_step_on_update: parity option (docs/algorithms.md §6.5).
-        lr_rewarmup_steps: w; the ``j``-th step after each update gets the LR times ``min(1, j/w)``
-            (docs/algorithms.md §6.5); 0 disables.
+        lr_rewarmup_steps: re-warm-up length ``w`` in optimizer steps; 0 disables
+            (``None``: 10 with ``parity``, else 0).
+        lr_rewarmup_mode: ``"after_update"`` (the ``j``-th step after each topology
+            update inside the update window runs at ``min(1, j/w)``) or ``"every_cycle"``
+            (released: the LR factor is ``min(1, (c mod Δ)/w)`` at every scheduler step
+            ``c`` of the whole run). ``None``: ``"every_cycle"`` with ``parity``.
+        budget_rounding: links a layer holds at density ρ after an update:
+            ``"nearest"`` (``round(ρ·N)``) or ``"floor"`` (``⌊ρ·N⌋``, released; a
+            constant-density layer is then not pruned, it regrows fewer links).
+            ``None``: ``"floor"`` with ``parity``.
         target_modules: module names, suffixes or a regex (PEFT conventions); ``None``
             = every linear of the decoder blocks for the architecture.
         exclude_modules: names, suffixes or a regex never sparsified.
@@ -131,6 +148,7 @@ class SparsifyConfig:
     removal_alpha: float | None = None
     removal_delta_start: float = 0.5
     removal_delta_end: float | None = None
+    removal_temperature_schedule: str = "t_linear"
     prune_alpha: float | None = None
     regrowth: str | None = None
     regrowth_selection: str | None = None
@@ -147,7 +165,9 @@ class SparsifyConfig:
     rope_aware: bool | None = None
     parity: bool = False
     skip_optimizer_step_on_update: bool | None = None
-    lr_rewarmup_steps: int = 0
+    lr_rewarmup_steps: int | None = None
+    lr_rewarmup_mode: str | None = None
+    budget_rounding: str | None = None
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     seed: int = 0
@@ -163,6 +183,8 @@ class SparsifyConfig:
             f.name for f in dataclasses.fields(self) if not f.name.startswith("_") and getattr(self, f.name) is not None
         )
         preset = PRESETS[self.method]
+        if self.parity and self.percolation is None:
+            self.percolation = False  # the released recipe never passes --chain_removal (docs/parity.md)
         for name, value in {**DEFAULTS, **preset}.items():
             if name in ("target_density", "initial_density") and name in preset:
                 if self.method == "dense":
@@ -180,6 +202,12 @@ class SparsifyConfig:
             self.skip_optimizer_step_on_update = self.parity
         if self.parity and "regrowth_selection" not in explicit:
             self.regrowth_selection = "rigid"
+        if self.lr_rewarmup_steps is None:
+            self.lr_rewarmup_steps = 10 if self.parity else 0
+        if self.lr_rewarmup_mode is None:
+            self.lr_rewarmup_mode = "every_cycle" if self.parity else "after_update"
+        if self.budget_rounding is None:
+            self.budget_rounding = "floor" if self.parity else "nearest"
         if self.decay_end_fraction is None:
             self.decay_end_fraction = self.update_end_fraction
         if isinstance(self.target_modules, tuple):
@@ -233,6 +261,7 @@ class SparsifyConfig:
         if self.removal_delta_end < self.removal_delta_start:
             _fail("removal_delta_end", self.removal_delta_end,
                   f"expected >= removal_delta_start ({self.removal_delta_start})")
+        choice("removal_temperature_schedule", TEMPERATURE_SCHEDULES)
         choice("regrowth", REGROWTHS)
         choice("regrowth_selection", SELECTIONS)
         if (isinstance(self.regrowth_temperature, bool) or not isinstance(self.regrowth_temperature, (int, float))
@@ -251,15 +280,19 @@ class SparsifyConfig:
         if self.decay_end_fraction <= self.decay_start_fraction and self.schedule != "constant":
             _fail("decay_end_fraction", self.decay_end_fraction,
                   f"expected > decay_start_fraction ({self.decay_start_fraction})")
-        if self.decay_end_fraction > self.update_end_fraction + 1e-12 and self.schedule != "constant":
+        if (self.decay_end_fraction > self.update_end_fraction + 1e-12 and self.schedule != "constant"
+                and not self.parity):
             _fail("decay_end_fraction", self.decay_end_fraction,
                   f"the decay window must end no later than update_end_fraction ({self.update_end_fraction}) "
-                  "so the final density is exactly the target")
+                  "so the final density is exactly the target (parity=True allows it, as the released recipe "
+                  "does: its density then stops short of the target)")
         for name in ("bsf_equal_partition", "bsf_resort", "reinit_weights", "percolation", "rope_aware", "parity",
                      "skip_optimizer_step_on_update"):
             boolean(name)
         if isinstance(self.lr_rewarmup_steps, bool) or not isinstance(self.lr_rewarmup_steps, int) or self.lr_rewarmup_steps < 0:
             _fail("lr_rewarmup_steps", self.lr_rewarmup_steps, "expected an integer >= 0 (0 disables)")
+        choice("lr_rewarmup_mode", LR_REWARMUP_MODES)
+        choice("budget_rounding", BUDGET_ROUNDINGS)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):

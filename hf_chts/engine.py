@@ -37,7 +37,7 @@ from .layers import SparseLayerMixin, sparse_layers
 from .model import sparsify
 from .schedules import SparseSchedule, lr_rewarmup_multiplier
 from .state import find_state, unwrap_model
-from .topology.budgets import allocate_links, count_links
+from .topology.budgets import allocate_links, link_budget
 from .topology.percolation import active_neurons, percolate
 from .topology.regrowth import regrow
 from .topology.removal import prune_to_count, soft_removal
@@ -133,9 +133,11 @@ class SparseTrainingEngine:
         self._hook_handles: list = []
         self._warned_state_dtype = False
         self._warned_no_optimizer = False
+        self._warned_no_scheduler = False
         self._restore: list = []  # undo actions for wrappers installed on the optimizer / scheduler
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._skip_next_optimizer_step = False
+        self._lr_scheduler_attached = False
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         if lr_scheduler is not None:
@@ -190,10 +192,13 @@ class SparseTrainingEngine:
         scheduler = getattr(scheduler, "scheduler", scheduler)
         if not hasattr(scheduler, "lr_lambdas"):
             raise ValueError(
-                f"lr_rewarmup_steps needs a LambdaLR-style scheduler (transformers' get_*_schedule); got {type(scheduler).__name__}"
+                f"lr_rewarmup_steps={self.config.lr_rewarmup_steps} needs a LambdaLR-style scheduler (transformers' "
+                f"get_*_schedule); got {type(scheduler).__name__}. Use such a scheduler or set lr_rewarmup_steps=0 "
+                "(parity=True turns the re-warm-up on by default)"
             )
         # LambdaLR calls each factor with its own step count = optimizer steps completed
         original = scheduler.lr_lambdas
+        self._lr_scheduler_attached = True
         self._restore.append(lambda: setattr(scheduler, "lr_lambdas", original))
         scheduler.lr_lambdas = [
             (lambda step, base=base: base(step) * self.lr_multiplier(step)) for base in scheduler.lr_lambdas
@@ -204,8 +209,8 @@ class SparseTrainingEngine:
     def lr_multiplier(self, completed_steps: int | None = None) -> float:
         """Re-warm-up LR factor for the step after ``completed_steps`` (default: the engine's count)."""
         steps = self.completed_steps if completed_steps is None else completed_steps
-        return lr_rewarmup_multiplier(steps, self.schedule.update_interval,
-                                      self.config.lr_rewarmup_steps, self.schedule.update_end)
+        return lr_rewarmup_multiplier(steps, self.schedule.update_interval, self.config.lr_rewarmup_steps,
+                                      self.schedule.update_end, self.config.lr_rewarmup_mode)
 
     def _needs_dense_grad(self, step: int) -> bool:
         return self.config.regrowth == "gradient" and self.schedule.is_update_step(step)
@@ -274,6 +279,11 @@ class SparseTrainingEngine:
                 "are not reset and an optimizer with momentum will move masked weights off zero. Create it with "
                 "SparseTrainingEngine(model, ..., optimizer=optimizer) or call engine.attach_optimizer(optimizer)."
             )
+        if self.config.lr_rewarmup_steps > 0 and not self._lr_scheduler_attached and not self._warned_no_scheduler:
+            self._warned_no_scheduler = True
+            logger.warning("hf_chts: lr_rewarmup_steps=%d but no LR scheduler is attached, so the LR is not re-warmed "
+                           "after topology updates. Pass lr_scheduler=... to the engine or call "
+                           "engine.attach_lr_scheduler(scheduler).", self.config.lr_rewarmup_steps)
         if self.config.regrowth == "gradient" and not self._dense_grads and self.layers:
             raise ValueError("gradient (RigL) regrowth needs the dense gradient of the update step: create the engine "
                              "with optimizer=... (or call attach_optimizer) so it can capture it before the step")
@@ -306,19 +316,23 @@ class SparseTrainingEngine:
         return stats
 
     def _block_budgets(self, name: str, density: float) -> list[int]:
-        """Links each row block of a layer holds at ``density`` (exact layer total, docs/algorithms.md §2.1)."""
+        """Links each row block of a layer holds at ``density`` (exact layer total, docs/algorithms.md §2.1; rounding: docs/parity.md)."""
         mask = self.layers[name].mask
         blocks = self.topology.layers[name].blocks
-        return allocate_links(count_links(density, mask.numel()), [len(b.rows) * mask.shape[1] for b in blocks])
+        total = link_budget(density, mask.numel(), self.config.budget_rounding)
+        return allocate_links(total, [len(b.rows) * mask.shape[1] for b in blocks])
 
     def _prune_and_remove(self, name: str, budgets: list[int], zeta: float, temperature: float) -> torch.Tensor:
         """Prune each block to its budget by importance top-k, then remove ζ·live links (docs/algorithms.md §3.3)."""
         layer = self.layers[name]
         weight = layer.full_logical_weight().detach()
         mask = layer.mask.clone()
+        # Rounded-down budgets (released) sit one link below a constant-density layer's initial
+        # count; the released code then regrows one link less instead of pruning (docs/parity.md).
+        prunes = self.schedule.kind != "constant" or self.config.budget_rounding == "nearest"
         for block, budget in zip(self.topology.layers[name].blocks, budgets):
             block_mask, block_weight = mask[block.rows], weight[block.rows]
-            if int(block_mask.sum()) > budget:  # density decay: the only step that changes density
+            if prunes and int(block_mask.sum()) > budget:  # density decay: the only step that changes density
                 block_mask = prune_to_count(block_weight, block_mask, budget, self.config.prune_alpha)
             live = int(block_mask.sum())
             n_remove = int(math.floor(zeta * live))

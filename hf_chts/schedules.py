@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import SparsifyConfig
+from .config import LR_REWARMUP_MODES, SparsifyConfig
+from .topology.removal import delta_to_temperature
 
 
 def sigmoid_decay_progress(update_index: float, num_updates: int, k: float = 6.0) -> float:
@@ -47,24 +48,48 @@ def removal_fraction_at(step: int, zeta: float, update_end: int, kind: str = "co
     return zeta / 2.0 * (1.0 + math.cos(math.pi * step / update_end))
 
 
+def _window_fraction(step: int, update_end: int) -> float:
+    return min(max(step / update_end, 0.0), 1.0) if update_end > 0 else 1.0
+
+
 def temperature_at(step: int, start: float, end: float, update_end: int) -> float:
-    """Removal temperature rising linearly from ``start`` to ``end`` over ``[0, T_end]`` (docs/algorithms.md §6.3).
+    """Removal temperature rising linearly from ``start`` to ``end`` over ``[0, T_end]`` (docs/algorithms.md §6.3, "t_linear").
 
     An infinite end (δ_end = 1, rigid removal) gives ``inf`` throughout.
     """
     if math.isinf(end) or math.isinf(start):
         return math.inf
-    fraction = min(max(step / update_end, 0.0), 1.0) if update_end > 0 else 1.0
-    return start + (end - start) * fraction
+    return start + (end - start) * _window_fraction(step, update_end)
 
 
-def lr_rewarmup_multiplier(completed_steps: int, update_interval: int, warmup_steps: int, update_end: int) -> float:
-    """LR multiplier ``min(1, j/w)`` for the ``j``-th step after the last topology update (docs/algorithms.md §6.5).
+def delta_linear_temperature_at(step: int, delta_start: float, delta_end: float, update_end: int) -> float:
+    """Removal temperature ``T = δ/(1−δ)`` with δ rising linearly from ``delta_start`` to
+    ``delta_end`` over ``[0, T_end]`` (the paper's wording, "delta_linear"; docs/parity.md).
 
-    1 before the first update, once the last update lies beyond the update
-    window, or when ``warmup_steps`` is 0.
+    ``δ = 1`` gives ``inf`` (rigid removal).
     """
-    if warmup_steps <= 0 or completed_steps < update_interval:
+    return delta_to_temperature(delta_start + (delta_end - delta_start) * _window_fraction(step, update_end))
+
+
+def lr_rewarmup_multiplier(completed_steps: int, update_interval: int, warmup_steps: int, update_end: int,
+                           mode: str = "after_update") -> float:
+    """LR multiplier of the re-warm-up after topology updates (docs/algorithms.md §6.5), for the step after
+    ``completed_steps`` steps.
+
+    ``"after_update"``: ``min(1, j/w)`` for the ``j``-th step after the last topology
+    update; 1 before the first update and once the last update lies beyond the
+    update window. ``"every_cycle"`` (the released recipe, docs/parity.md):
+    ``min(1, (c mod Δ)/w)`` at every step ``c`` of the whole run, so the step right
+    after an update runs at LR 0 and the first cycle and the steps after the update
+    window are re-warmed too. 1 whenever ``warmup_steps`` is 0.
+    """
+    if mode not in LR_REWARMUP_MODES:
+        raise ValueError(f"unknown re-warm-up mode {mode!r}; expected one of {', '.join(LR_REWARMUP_MODES)}")
+    if warmup_steps <= 0:
+        return 1.0
+    if mode == "every_cycle":
+        return min(1.0, (completed_steps % update_interval) / warmup_steps)
+    if completed_steps < update_interval:
         return 1.0
     last_update = (completed_steps // update_interval) * update_interval
     if last_update > update_end:
@@ -96,6 +121,9 @@ class SparseSchedule:
     removal_fraction_kind: str
     temperature_start: float
     temperature_end: float
+    temperature_schedule: str = "t_linear"
+    delta_start: float = 0.5
+    delta_end: float = 0.75
 
     @classmethod
     def from_config(cls, config: SparsifyConfig, total_steps: int) -> "SparseSchedule":
@@ -121,7 +149,8 @@ class SparseSchedule:
         t_start, t_end = config.removal_temperature_range
         return cls(total_steps, interval, update_end, decay_start, max(num_decay, 1), config.initial_density,
                    config.target_density, kind, config.sigmoid_k, config.removal_fraction,
-                   config.removal_fraction_schedule, t_start, t_end)
+                   config.removal_fraction_schedule, t_start, t_end, config.removal_temperature_schedule,
+                   config.removal_delta_start, config.removal_delta_end)
 
     # ---------------------------------------------------------------- steps
     def is_update_step(self, step: int) -> bool:
@@ -153,4 +182,7 @@ class SparseSchedule:
         return removal_fraction_at(step, self.removal_fraction, self.update_end, self.removal_fraction_kind)
 
     def removal_temperature_at(self, step: int) -> float:
+        """Soft-removal temperature of the update at ``step`` ("t_linear" or "delta_linear", §3)."""
+        if self.temperature_schedule == "delta_linear":
+            return delta_linear_temperature_at(step, self.delta_start, self.delta_end, self.update_end)
         return temperature_at(step, self.temperature_start, self.temperature_end, self.update_end)

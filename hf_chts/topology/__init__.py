@@ -7,7 +7,7 @@ docstring cites the algorithm it implements. Everything here is importable from
 """
 
 from .bsf import bsf_mask, resort_by_degree
-from .budgets import allocate_links, count_links
+from .budgets import BUDGET_ROUNDINGS, allocate_links, count_links, link_budget
 from .ch_scores import CH_VARIANTS, ch3_l3_path_scores, ch_l3n_scores
 from .common import as_bool_mask
 from .init import DEGREE_MODES, INIT_METHODS, brf_mask, bsw_mask, build_mask, csti_mask, dense_mask, er_mask
@@ -19,7 +19,7 @@ from .sampling import exact_topk, uniform_sample, weighted_sample_without_replac
 __all__ = [
     # initial topologies (init, bsf) and link budgets
     "INIT_METHODS", "DEGREE_MODES", "build_mask", "dense_mask", "er_mask", "bsw_mask", "brf_mask", "bsf_mask",
-    "csti_mask", "resort_by_degree", "count_links", "allocate_links",
+    "csti_mask", "resort_by_degree", "BUDGET_ROUNDINGS", "count_links", "link_budget", "allocate_links",
     # removal
     "removal_importance", "delta_to_temperature", "soft_removal", "prune_to_count",
     # percolation

@@ -11,7 +11,10 @@ from collections.abc import Sequence
 
 from .common import check_density
 
-__all__ = ["count_links", "allocate_links"]
+__all__ = ["BUDGET_ROUNDINGS", "count_links", "link_budget", "allocate_links"]
+
+#: how :func:`link_budget` rounds ``ρ·N`` (docs/parity.md: the released code rounds down)
+BUDGET_ROUNDINGS = ("nearest", "floor")
 
 
 def count_links(density: float, numel: int) -> int:
@@ -24,6 +27,18 @@ def count_links(density: float, numel: int) -> int:
     if isinstance(numel, bool) or not isinstance(numel, numbers.Integral) or numel < 0:
         raise ValueError(f"numel must be an int >= 0, got {numel!r}")
     return min(int(numel), int(math.floor(density * numel + 0.5)))
+
+
+def link_budget(density: float, numel: int, rounding: str = "nearest") -> int:
+    """Links a layer of ``numel`` entries holds at ``density`` after a topology update:
+    :func:`count_links` (``round(ρ·N)``, half up) for ``"nearest"``, ``⌊ρ·N⌋`` for ``"floor"``
+    (the released code's ``int(ρ·N)``, docs/parity.md)."""
+    nearest = count_links(density, numel)  # also validates the arguments
+    if rounding == "nearest":
+        return nearest
+    if rounding == "floor":
+        return min(int(numel), int(math.floor(density * numel)))
+    raise ValueError(f"unknown budget rounding {rounding!r}; expected one of {', '.join(BUDGET_ROUNDINGS)}")
 
 
 def allocate_links(total: int, sizes: Sequence[int]) -> list[int]:
