@@ -14,6 +14,8 @@ import math
 import torch
 import transformers
 
+from hf_chts import SparsifyConfig, sparsify
+from hf_chts.engine import SparseTrainingEngine, UpdateStats
 from hf_chts.topology.ch_scores import ch3_l3_path_scores, ch_l3n_scores
 
 Position = tuple[int, int]
@@ -142,3 +144,61 @@ def random_live_set(shape, count: int, generator: torch.Generator, forced=(), fo
     for index in torch.randperm(len(free), generator=generator)[: count - len(forced)].tolist():
         mask[free[index]] = True
     return mask
+
+
+def sparse_engine(config: SparsifyConfig, *, seed: int, density: float, total_steps: int, hidden: int = 4,
+                  ffn: int = 6, unread_mlp_neuron: bool = False) -> SparseTrainingEngine:
+    """An engine on a tiny LLaMA whose targeted layers hold ``round(density·N)`` random links and
+    random weights of magnitude 0.1-1.1. ``unread_mlp_neuron``: hidden neuron 0 of the MLP has no
+    down link but two strong (5.0) gate and up links, so only percolation removes them."""
+    model = tiny_llama(seed, hidden=hidden, ffn=ffn)
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or ".layers." not in name:
+            continue
+        if config.target_modules is not None and not name.endswith(tuple(config.target_modules)):
+            continue
+        weight = module.weight
+        rows, cols = weight.shape
+        with torch.no_grad():
+            weight.copy_(torch.randn(weight.shape, generator=generator).sign()
+                         * (0.1 + torch.rand(weight.shape, generator=generator)))
+        count = math.floor(density * weight.numel() + 0.5)
+        forced, forbidden = [], []
+        if unread_mlp_neuron and name.endswith("down_proj"):
+            forbidden = [(i, 0) for i in range(rows)]
+        elif unread_mlp_neuron and name.endswith(("gate_proj", "up_proj")):
+            forced, forbidden = [(0, 0), (0, 1)], [(0, j) for j in range(2, cols)]
+            with torch.no_grad():
+                weight[0, :2] = 5.0
+        masks[name] = random_live_set((rows, cols), count, generator, forced, forbidden)
+    sparsify(model, config, masks=masks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    return SparseTrainingEngine(model, total_steps=total_steps, optimizer=optimizer)
+
+
+def live_frequencies(engine: SparseTrainingEngine, step: int, trials: int,
+                     budgets: dict[str, int]) -> tuple[dict[str, torch.Tensor], UpdateStats]:
+    """Run the update after ``step`` ``trials`` times from the engine's current weights and masks;
+    return how often each link is live afterwards, asserting every layer ends at its budget."""
+    saved = {name: (layer.weight.detach().clone(), layer.mask.clone()) for name, layer in engine.layers.items()}
+    counts = {name: torch.zeros(mask.shape, dtype=torch.float64) for name, (_, mask) in saved.items()}
+    for _ in range(trials):
+        for name, layer in engine.layers.items():
+            with torch.no_grad():
+                layer.weight.copy_(saved[name][0])
+            layer.set_mask(saved[name][1])
+        engine.completed_steps = step
+        stats = engine.update_topology()
+        for name, layer in engine.layers.items():
+            assert int(layer.mask.sum()) == budgets[name], name
+            counts[name] += layer.mask.double()
+    return {name: count / trials for name, count in counts.items()}, stats
+
+
+def assert_close_in_distribution(frequency: torch.Tensor, probability: torch.Tensor, trials: int, what: str) -> None:
+    """Every empirical frequency within 4.5 binomial standard errors (+0.02) of its probability."""
+    tolerance = 4.5 * torch.sqrt((probability * (1 - probability)).clamp_min(0) / trials) + 0.02
+    excess = float(((frequency - probability).abs() - tolerance).max())
+    assert excess <= 0, f"{what}: empirical\n{frequency}\nreference\n{probability}"

@@ -18,7 +18,7 @@ import torch
 
 from hf_chts import SparsifyConfig, sparsify
 from hf_chts.engine import SparseTrainingEngine
-from reference_update import random_live_set, tiny_llama, update_marginals
+from reference_update import assert_close_in_distribution, live_frequencies, sparse_engine, tiny_llama, update_marginals
 
 TOTAL, INTERVAL, UPDATE_END, STEP = 100, 10, 75, 40
 MLP = ("gate_proj", "up_proj", "down_proj")  # the coupled layers; attention adds run time, nothing new
@@ -34,35 +34,11 @@ def sigmoid_density(step: int, initial: float, target: float, n: int, k: float =
 
 
 def build(method: str, initial: float, target: float, seed: int):
-    """A tiny LLaMA at ``initial`` density; the hidden neuron 0 of the MLP has no down link (a
-    neuron percolation would remove) and large gate/up weights (it survives pruning and removal)."""
-    model = tiny_llama(seed)
-    generator = torch.Generator().manual_seed(seed)
-    names = [n for n, m in model.named_modules() if n.endswith(MLP)]
-    modules = dict(model.named_modules())
-    masks = {}
-    for name in names:
-        weight = modules[name].weight
-        with torch.no_grad():
-            weight.copy_(torch.randn(weight.shape, generator=generator).sign() * (0.1 + torch.rand(weight.shape, generator=generator)))
-        count = math.floor(initial * weight.numel() + 0.5)
-        rows, cols = weight.shape
-        if name.endswith("down_proj"):  # hidden neuron 0 is never read
-            mask = random_live_set((rows, cols), count, generator, forbidden=[(i, 0) for i in range(rows)])
-        elif name.endswith(("gate_proj", "up_proj")):  # ... but has two strong input links
-            mask = random_live_set((rows, cols), count, generator, forced=[(0, 0), (0, 1)],
-                                   forbidden=[(0, j) for j in range(2, cols)])
-            with torch.no_grad():
-                weight[0, :2] = 5.0
-        else:
-            mask = random_live_set((rows, cols), count, generator)
-        masks[name] = mask
+    """Tiny MLP-only LLaMA at ``initial`` density whose hidden neuron 0 has no down link (a neuron
+    percolation would remove) and two strong gate/up links (it survives pruning and removal)."""
     config = SparsifyConfig(method=method, parity=True, initial_density=initial, target_density=target,
                             update_interval=INTERVAL, removal_fraction=0.9, seed=seed, target_modules=list(MLP))
-    sparsify(model, config, masks=masks)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    engine = SparseTrainingEngine(model, total_steps=TOTAL, optimizer=optimizer)
-    return engine
+    return sparse_engine(config, seed=seed, density=initial, total_steps=TOTAL, unread_mlp_neuron=True)
 
 
 @pytest.mark.parametrize("method,initial,target", [("chtss", 0.5, 0.25), ("chts", 0.33, 0.33)])
@@ -84,26 +60,13 @@ def test_one_parity_update_matches_the_slow_reference_in_distribution(method, in
         for name, (weight, mask) in saved.items()
     }
 
-    counts = {name: torch.zeros(mask.shape, dtype=torch.float64) for name, (_, mask) in saved.items()}
-    for _ in range(TRIALS):
-        for name, layer in layers.items():
-            with torch.no_grad():
-                layer.weight.copy_(saved[name][0])
-            layer.set_mask(saved[name][1])
-        engine.completed_steps = STEP
-        stats = engine.update_topology()
-        for name, layer in layers.items():
-            assert int(layer.mask.sum()) == budgets[name], name  # rounded down, exactly
-            counts[name] += layer.mask.double()
+    frequencies, stats = live_frequencies(engine, STEP, TRIALS, budgets)  # budgets: rounded down, exactly
     assert stats.temperature == pytest.approx(temperature)
     assert stats.removal_fraction == pytest.approx(zeta)
     assert stats.target_density == pytest.approx(density)
 
     for name, want in reference.items():
-        got = counts[name] / TRIALS
-        tolerance = 4.5 * torch.sqrt((want * (1 - want)).clamp_min(0) / TRIALS) + 0.02
-        worst = float(((got - want).abs() - tolerance).max())
-        assert worst <= 0, f"{name}: empirical\n{got}\nreference\n{want}"
+        assert_close_in_distribution(frequencies[name], want, TRIALS, name)
     # the neuron percolation would have removed keeps its links (no percolation in parity)
     gate = next(n for n in reference if n.endswith("gate_proj"))
     assert float(reference[gate][0, :2].min()) > 0.5
