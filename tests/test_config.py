@@ -40,6 +40,16 @@ def test_parity_switch_follows_released_code():
     assert paper.rope_aware and not parity.rope_aware
     assert parity.regrowth_selection == "rigid" and parity.skip_optimizer_step_on_update
     assert SparsifyConfig("chtss", parity=True, regrowth_selection="soft").regrowth_selection == "soft"
+    # the released recipe (docs/parity.md): no chain removal, 10-step re-warm-up every cycle, budgets rounded down
+    assert (paper.percolation, paper.lr_rewarmup_steps, paper.lr_rewarmup_mode, paper.budget_rounding) == (
+        True, 0, "after_update", "nearest")
+    assert (parity.percolation, parity.lr_rewarmup_steps, parity.lr_rewarmup_mode, parity.budget_rounding) == (
+        False, 10, "every_cycle", "floor")
+    assert paper.removal_temperature_schedule == parity.removal_temperature_schedule == "t_linear"
+    explicit = SparsifyConfig("chts", parity=True, percolation=True, lr_rewarmup_steps=0, budget_rounding="nearest")
+    assert (explicit.percolation, explicit.lr_rewarmup_steps, explicit.budget_rounding) == (True, 0, "nearest")
+    assert not SparsifyConfig("set", parity=True).percolation
+    assert SparsifyConfig.from_dict(parity.to_dict()) == parity
 
 
 @pytest.mark.parametrize(
@@ -55,6 +65,7 @@ def test_parity_switch_follows_released_code():
         ("sigmoid_k", 0.0), ("decay_start_fraction", -0.5), ("decay_end_fraction", 0.9), ("percolation", "yes"),
         ("rope_aware", 1), ("parity", "no"), ("lr_rewarmup_steps", -1), ("target_modules", 3),
         ("exclude_modules", [1, 2]), ("seed", -1), ("ch_memory_budget_mb", 0),
+        ("removal_temperature_schedule", "cubic"), ("lr_rewarmup_mode", "always"), ("budget_rounding", "up"),
     ],
 )
 def test_every_invalid_field_raises_value_error_naming_it(field, value):

@@ -4,8 +4,8 @@ import pytest
 
 from hf_chts import SparsifyConfig
 from hf_chts.schedules import (
-    SparseSchedule, cubic_decay_progress, lr_rewarmup_multiplier, removal_fraction_at, sigmoid_decay_progress,
-    temperature_at,
+    SparseSchedule, cubic_decay_progress, delta_linear_temperature_at, link_budget, lr_rewarmup_multiplier,
+    removal_fraction_at, sigmoid_decay_progress, temperature_at,
 )
 
 
@@ -99,3 +99,30 @@ def test_lr_rewarmup_multiplier():
     assert values[20] == 0.25 and values[50] == 0.25
     assert values[60] == 1.0  # update window over
     assert lr_rewarmup_multiplier(12, 10, 0, 50) == 1.0
+
+
+def test_lr_rewarmup_every_cycle_is_the_released_factor_for_the_whole_run():
+    values = [lr_rewarmup_multiplier(c, 10, 4, 50, mode="every_cycle") for c in range(0, 80)]
+    for c, value in enumerate(values):  # min(1, (c mod Δ)/w), in the first cycle and after the window too
+        assert value == ((c % 10) / 4 if c % 10 < 4 else 1.0), c
+    assert values[60:64] == [0.0, 0.25, 0.5, 0.75]
+    assert lr_rewarmup_multiplier(70, 10, 0, 50, mode="every_cycle") == 1.0
+    with pytest.raises(ValueError, match="every_cycle"):
+        lr_rewarmup_multiplier(3, 10, 4, 50, mode="cyclic")
+
+
+def test_link_budget_rounds_to_nearest_or_down():
+    assert [link_budget(0.3, n) for n in (16, 24, 25)] == [5, 7, 8]
+    assert [link_budget(0.3, n, "floor") for n in (16, 24, 25)] == [4, 7, 7]
+    assert link_budget(1.0, 24, "floor") == 24 and link_budget(0.5, 5, "nearest") == 3
+    with pytest.raises(ValueError, match="rounding"):
+        link_budget(0.3, 10, "up")
+
+
+def test_delta_linear_temperature():
+    for step in range(0, 101, 5):
+        delta = 0.5 + (0.9 - 0.5) * step / 100
+        assert delta_linear_temperature_at(step, 0.5, 0.9, 100) == pytest.approx(delta / (1 - delta), rel=1e-12)
+    assert delta_linear_temperature_at(200, 0.5, 0.9, 100) == pytest.approx(9.0)  # clipped after the window
+    assert delta_linear_temperature_at(50, 0.5, 1.0, 100) == pytest.approx(3.0)
+    assert delta_linear_temperature_at(100, 0.5, 1.0, 100) == math.inf
