@@ -8,7 +8,10 @@ This module tells, for each supported architecture,
   fused ``gate_up``, plain MLP ``fc_in``/``fc_out``), and
 * how the neurons of those layers are coupled for network percolation
   (docs/algorithms.md §4): q/k rows at the same position (with RoPE pairs and GQA
-  groups), v rows feeding o columns, gate/up rows feeding down columns.
+  groups), v rows feeding o columns, gate/up rows feeding down columns, and
+* what makes a neuron live without links: a bias (its row still outputs
+  the bias, :func:`constant_output_rows`) or a q/k norm that mixes every q
+  (k) row of a head (``AttentionCoupling.qk_norm``); docs/percolation.md.
 
 Couplings are plain data (module names + ``LongTensor`` index maps) so that
 :func:`hf_chts.topology.percolation.percolate` stays a pure function of masks.
@@ -52,7 +55,9 @@ class AttentionCoupling:
     ``q``: rows ``(H, d)``; ``k``/``v``: rows ``(H_kv, d)``; ``o``: columns
     ``(H, d)``. ``rope_partner[i]`` is the dim RoPE mixes with dim ``i``
     (``i`` itself for non-rotary dims). q head ``h`` uses kv head
-    ``h // (H // H_kv)``.
+    ``h // (H // H_kv)``. ``qk_norm``: a norm over whole q / k heads (qwen3,
+    olmo2, gemma3) rescales every row of a head by all of them, so no q or k
+    row is dead weight because of its partner (docs/percolation.md).
     """
 
     q: NeuronRef
@@ -60,6 +65,7 @@ class AttentionCoupling:
     v: NeuronRef
     o: NeuronRef
     rope_partner: torch.Tensor
+    qk_norm: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -120,7 +126,9 @@ class ArchitectureSpec:
     ``block_pattern`` is a regex matching the module name of a decoder block
     (group 1 = block index); ``roles`` maps a module path relative to the
     block to its role. ``qkv_layout`` is ``"blocks"`` ([q | k | v] rows) or
-    ``"interleaved"`` ([h0: q k v, h1: q k v, ...], GPT-NeoX).
+    ``"interleaved"`` ([h0: q k v, h1: q k v, ...], GPT-NeoX). ``qk_norm_modules``:
+    module paths relative to the block of norms applied to q or k; a block that
+    has any of them gets ``AttentionCoupling.qk_norm``.
     """
 
     model_type: str
@@ -128,6 +136,7 @@ class ArchitectureSpec:
     roles: dict[str, str]
     qkv_layout: str = "blocks"
     rope: bool = True
+    qk_norm_modules: tuple[str, ...] = ()
 
 
 _LLAMA_ROLES = {
@@ -149,8 +158,10 @@ def register_architecture(spec: ArchitectureSpec) -> ArchitectureSpec:
     return spec
 
 
+# q/k norms: qwen3 and gemma3 normalise each head, olmo2 all heads at once (docs/percolation.md)
 for _mt in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2"):
-    register_architecture(ArchitectureSpec(_mt, r"^(?:.*\.)?layers\.(\d+)$", _LLAMA_ROLES))
+    register_architecture(ArchitectureSpec(_mt, r"^(?:.*\.)?layers\.(\d+)$", _LLAMA_ROLES,
+                                           qk_norm_modules=("self_attn.q_norm", "self_attn.k_norm")))
 register_architecture(
     ArchitectureSpec(
         "phi3",
@@ -266,6 +277,24 @@ def qkv_row_blocks(geometry: HeadGeometry, layout: str) -> tuple[torch.Tensor, t
     raise ValueError(f"unknown qkv layout {layout!r}; expected 'blocks' or 'interleaved'")
 
 
+def constant_output_rows(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Rows that output a non-zero constant when they have no input link, per module name.
+
+    A row of a layer with a bias outputs its bias even without links, so it is not
+    dead (docs/percolation.md): every row whose bias is trainable (it moves off 0 at
+    the next step) or non-zero. Modules without a bias are left out. Sharded (FSDP2)
+    biases are gathered.
+    """
+    rows: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        bias = getattr(module, "bias", None)
+        if bias is None:
+            continue
+        full = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
+        rows[name] = (full.detach() != 0) | bias.requires_grad
+    return rows
+
+
 def get_architecture(model_type: str | None) -> ArchitectureSpec | None:
     return ARCHITECTURES.get(model_type or "")
 
@@ -320,7 +349,9 @@ def build_topology(model: nn.Module, selected: dict[str, nn.Module]) -> ModelTop
     heads, kv_heads, dim = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
     partner = rope_partner(dim, geometry.rotary_dim)
     o_cols = torch.arange(heads * dim).view(heads, dim)
-    for (_, _), roles in sorted(by_block.items(), key=lambda item: item[0][1]):
+    module_names = {name for name, _ in model.named_modules()}
+    for (block_prefix, _), roles in sorted(by_block.items(), key=lambda item: item[0][1]):
+        qk_norm = any(f"{block_prefix}.{path}" in module_names for path in spec.qk_norm_modules)
         if "qkv" in roles and "o" in roles:
             q, k, v = qkv_row_blocks(geometry, spec.qkv_layout)
             fused = roles["qkv"]
@@ -331,6 +362,7 @@ def build_topology(model: nn.Module, selected: dict[str, nn.Module]) -> ModelTop
                     NeuronRef(fused, "row", v),
                     NeuronRef(roles["o"], "col", o_cols),
                     partner,
+                    qk_norm,
                 )
             )
         elif all(r in roles for r in ("q", "k", "v", "o")):
@@ -341,6 +373,7 @@ def build_topology(model: nn.Module, selected: dict[str, nn.Module]) -> ModelTop
                     NeuronRef(roles["v"], "row", torch.arange(kv_heads * dim).view(kv_heads, dim)),
                     NeuronRef(roles["o"], "col", o_cols),
                     partner,
+                    qk_norm,
                 )
             )
         if "gate_up" in roles and "down" in roles:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .architectures import constant_output_rows
 from .config import SparsifyConfig
 from .layers import SparseLayerMixin, sparse_layers
 from .model import sparsify
@@ -291,7 +292,8 @@ class SparseTrainingEngine:
         budgets = {name: self._block_budgets(name, density) for name in self.layers}
         masks = {name: self._prune_and_remove(name, budgets[name], zeta, temperature) for name in self.layers}
         if self.config.percolation and (self.topology.attention or self.topology.mlp):
-            masks.update(percolate(masks, self.topology, rope_aware=self.config.rope_aware).masks)
+            masks.update(percolate(masks, self.topology, rope_aware=self.config.rope_aware,
+                                   constant_rows=constant_output_rows(self.layers)).masks)
         # ANP: after percolation, before regrowth (docs/algorithms.md §4)
         active, total = active_neurons(masks, self.topology)
         grown = {name: self._regrow(name, masks[name], budgets[name]) for name in self.layers}

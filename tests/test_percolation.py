@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -125,8 +126,11 @@ def full_masks(shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
 # Naive reference: the rules of docs/algorithms.md §4 with explicit loops, applied
 # until nothing changes (so it also checks the one-pass fixpoint claim).
 # --------------------------------------------------------------------------
-def reference_percolate(masks, topology, rope_aware=True):
+def reference_percolate(masks, topology, rope_aware=True, constant_rows=None):
+    """``constant_rows``: rows that output their bias without links (docs/percolation.md);
+    a coupling with ``qk_norm`` never loses q or k rows to the q/k rule."""
     masks = {name: mask.clone() for name, mask in masks.items()}
+    constant_rows = constant_rows or {}
     while True:
         row_live = {name: [bool(x) for x in mask.any(dim=1)] for name, mask in masks.items()}
         col_live = {name: [bool(x) for x in mask.any(dim=0)] for name, mask in masks.items()}
@@ -134,6 +138,11 @@ def reference_percolate(masks, topology, rope_aware=True):
         def has(ref, *position):
             index = int(ref.index[position])
             return (row_live if ref.axis == "row" else col_live)[ref.layer][index]
+
+        def outputs(ref, *position):  # live links, or a row that outputs its bias
+            constant = constant_rows.get(ref.layer)
+            biased = ref.axis == "row" and constant is not None and bool(constant[int(ref.index[position])])
+            return has(ref, *position) or biased
 
         kill = []  # (layer, axis, index)
 
@@ -149,14 +158,15 @@ def reference_percolate(masks, topology, rope_aware=True):
             for h in range(heads):
                 g = h // group
                 for i in range(dim):
-                    if has(c.q, h, i) and not (has(c.k, g, i) or has(c.k, g, partner[i])):
+                    if has(c.q, h, i) and not c.qk_norm and not (outputs(c.k, g, i) or outputs(c.k, g, partner[i])):
                         kill_ref(c.q, h, i)
-                    if has(c.o, h, i) and not has(c.v, g, i):
+                    if has(c.o, h, i) and not outputs(c.v, g, i):
                         kill_ref(c.o, h, i)
             for g in range(kv_heads):
                 group_heads = [h for h in range(heads) if h // group == g]
                 for i in range(dim):
-                    if has(c.k, g, i) and not any(has(c.q, h, i) or has(c.q, h, partner[i]) for h in group_heads):
+                    if (has(c.k, g, i) and not c.qk_norm
+                            and not any(outputs(c.q, h, i) or outputs(c.q, h, partner[i]) for h in group_heads)):
                         kill_ref(c.k, g, i)
                     if has(c.v, g, i) and not any(has(c.o, h, i) for h in group_heads):
                         kill_ref(c.v, g, i)
@@ -165,7 +175,7 @@ def reference_percolate(masks, topology, rope_aware=True):
             if not all(r.layer in masks for r in refs):
                 continue
             for j in range(c.output.index.shape[0]):
-                alive = all(has(r, j) for r in refs)
+                alive = has(c.output, j) and all(outputs(r, j) for r in c.inputs)
                 if not alive:
                     for r in refs:
                         if has(r, j):
@@ -220,6 +230,63 @@ def test_matches_reference_on_random_masks(kind: str, rope_aware: bool) -> None:
             assert result.removed[name] == int(masks[name].sum()) - int(want[name].sum())
         removed_something += sum(result.removed.values()) > 0
     assert removed_something > 20  # the random cases exercise removal
+
+
+def random_constant_rows(shapes: dict[str, tuple[int, int]], seed: int) -> dict[str, torch.Tensor]:
+    """Biased rows for about half of the layers, each row biased with probability 1/2."""
+    generator = torch.Generator().manual_seed(1000 + seed)
+    return {name: torch.rand(rows, generator=generator) < 0.5
+            for name, (rows, _) in sorted(shapes.items()) if torch.rand(1, generator=generator) < 0.5}
+
+
+def with_qk_norm(topology: ModelTopology) -> ModelTopology:
+    return dataclasses.replace(topology, attention=[dataclasses.replace(c, qk_norm=True) for c in topology.attention])
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("kind", sorted(TOPOLOGIES))
+def test_biases_and_qk_norms_match_reference_on_random_masks(kind: str, qk_norm: bool) -> None:
+    make_topology, make_shapes = TOPOLOGIES[kind]
+    topology, shapes = make_topology(), make_shapes()
+    topology = with_qk_norm(topology) if qk_norm else topology
+    kept_by_bias = 0
+    for seed in range(30):
+        masks, constant = random_masks(shapes, seed), random_constant_rows(shapes, seed)
+        result = percolate(masks, topology, rope_aware=True, constant_rows=constant)
+        assert_same_masks(result.masks, reference_percolate(masks, topology, True, constant))
+        unbiased = percolate(masks, topology, rope_aware=True)
+        kept_by_bias += sum(int(result.masks[n].sum() - unbiased.masks[n].sum()) for n in masks)
+        second = percolate(result.masks, topology, rope_aware=True, constant_rows=constant)
+        assert sum(second.removed.values()) == 0  # still a one-pass fixpoint
+    assert kept_by_bias > 0  # biased rows kept links the plain rule removes
+
+
+def test_a_biased_q_row_without_links_keeps_its_k_rows_and_a_biased_v_row_its_o_columns() -> None:
+    topology, shapes = separate_topology(0), separate_shapes()
+    masks = full_masks(shapes)
+    masks["q"][:HEAD_DIM].zero_()  # every dim of q head 0 ...
+    masks["q"][HEAD_DIM:2 * HEAD_DIM].zero_()  # ... and of q head 1: nothing reads kv head 0 through links
+    masks["v"][3].zero_()  # v row (0, 3) has no links
+    plain = percolate(masks, topology).masks
+    assert row_empty(plain["k"], 0) and col_empty(plain["o"], 3) and col_empty(plain["o"], HEAD_DIM + 3)
+    constant = {"q": torch.zeros(HEADS * HEAD_DIM, dtype=torch.bool), "v": torch.zeros(KV_HEADS * HEAD_DIM, dtype=torch.bool)}
+    constant["q"][0] = True  # q row (0, 0) outputs its bias
+    constant["v"][3] = True
+    biased = percolate(masks, topology, constant_rows=constant).masks
+    assert torch.equal(biased["k"][0], masks["k"][0])  # k row (0, 0) is read by the bias of q (0, 0)
+    assert row_empty(biased["k"], 1)  # q rows (0, 1), (1, 1) are unbiased and empty
+    assert torch.equal(biased["o"][:, 3], masks["o"][:, 3]) and torch.equal(biased["o"][:, HEAD_DIM + 3], masks["o"][:, HEAD_DIM + 3])
+
+
+def test_qk_norm_keeps_q_and_k_rows_but_not_the_v_o_chain() -> None:
+    topology, shapes = with_qk_norm(separate_topology()), separate_shapes()
+    masks = full_masks(shapes)
+    masks["k"][:HEAD_DIM].zero_()  # kv head 0 has no k links: its q rows would die without the norm
+    masks["v"][2].zero_()
+    result = percolate(masks, topology).masks
+    assert torch.equal(result["q"], masks["q"])
+    assert col_empty(result["o"], 2) and col_empty(result["o"], HEAD_DIM + 2)
+    assert row_empty(percolate(masks, separate_topology()).masks["q"], 0)
 
 
 def test_rope_aware_and_parity_differ_somewhere() -> None:

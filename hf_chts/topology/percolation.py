@@ -32,6 +32,20 @@ has at least one live link on its non-residual side):
 Dead rows lose all their row links, dead columns all their column links.
 Layers without a coupling (unknown-architecture fallback) are unchanged.
 
+Biases and q/k norms (docs/percolation.md):
+
+* a row listed in ``constant_rows`` (its layer has a bias) outputs its bias
+  even without input links, so on the *reading* side it counts as present:
+  ``has_q``, ``has_k``, ``has_v`` and the MLP input rows are or-ed with it
+  wherever another neuron's liveness depends on them. The row itself is
+  never the reason to clear anything (it has no links to clear);
+* with ``AttentionCoupling.qk_norm`` (a norm over whole q / k heads), every q
+  and k row feeds the normalisation of its head, so q and k rows are never
+  removed by the q/k rule; the v/o rule still applies.
+
+Constant rows never change and a norm-coupled q/k row is never cleared, so
+the fixpoint argument below holds unchanged.
+
 Fixpoint
 --------
 One pass is a fixpoint when the topology is *separable*: no layer is
@@ -62,7 +76,7 @@ pass removes nothing (at most one pass per removed link, in practice a few).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +88,7 @@ __all__ = ["PercolationResult", "percolate", "active_neurons"]
 Masks = dict[str, torch.Tensor]
 Coupling = AttentionCoupling | MLPCoupling
 LinksOf = Callable[[NeuronRef], torch.Tensor]  # ref -> bool map shaped like ref.index
+ConstantRows = Mapping[str, torch.Tensor]  # layer -> bool per output row: outputs a non-zero constant unlinked
 
 
 @dataclass
@@ -102,13 +117,18 @@ class PercolationResult:
 # --------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------
-def percolate(masks: Masks, topology: ModelTopology, rope_aware: bool = True) -> PercolationResult:
-    """Remove the links of inactive neurons (docs/algorithms.md §4).
+def percolate(masks: Masks, topology: ModelTopology, rope_aware: bool = True,
+              constant_rows: ConstantRows | None = None) -> PercolationResult:
+    """Remove the links of inactive neurons (docs/algorithms.md §4, docs/percolation.md).
 
     ``masks`` maps layer names to boolean ``out x in`` masks; only these
     layers are touched and returned (as copies). A coupling that references a
     layer missing from ``masks`` is skipped. ``rope_aware=False`` pairs q/k
     dims only with themselves (parity with the released code).
+    ``constant_rows`` maps layer names to a boolean per output row that is
+    True when the row outputs a non-zero constant without links (a bias, see
+    :func:`hf_chts.architectures.constant_output_rows`); such a row keeps the
+    neurons that read it alive.
     """
     for name, mask in masks.items():
         if mask.dtype != torch.bool or mask.dim() != 2:
@@ -117,8 +137,9 @@ def percolate(masks: Masks, topology: ModelTopology, rope_aware: bool = True) ->
     couplings = [c for c in _couplings(topology) if all(ref.layer in masks for ref in _refs(c))]
     separable = _is_separable(couplings)
     touched: set[str] = set()
+    constant_rows = {} if constant_rows is None else constant_rows
     while True:
-        cleared = _percolation_pass(new_masks, couplings, rope_aware)
+        cleared = _percolation_pass(new_masks, couplings, rope_aware, constant_rows)
         touched |= cleared
         if separable or not cleared:
             break
@@ -151,7 +172,8 @@ def active_neurons(masks: Masks, topology: ModelTopology) -> tuple[dict[str, int
 # --------------------------------------------------------------------------
 # One pass
 # --------------------------------------------------------------------------
-def _percolation_pass(masks: Masks, couplings: list[Coupling], rope_aware: bool) -> set[str]:
+def _percolation_pass(masks: Masks, couplings: list[Coupling], rope_aware: bool,
+                      constant_rows: ConstantRows) -> set[str]:
     """Decide every coupling on the current degrees, then clear the dead
     neurons. Returns the names of the layers that lost links."""
     live_cache: dict[tuple[str, str], torch.Tensor] = {}
@@ -162,12 +184,20 @@ def _percolation_pass(masks: Masks, couplings: list[Coupling], rope_aware: bool)
             live_cache[key] = _live_along(masks[ref.layer], ref.axis)
         return live_cache[key][ref.index.to(live_cache[key].device)]
 
+    def has_output(ref: NeuronRef) -> torch.Tensor:
+        """A row ref's neurons that output something: live links or a constant (bias)."""
+        links = has_links(ref)
+        constant = constant_rows.get(ref.layer)
+        if constant is None or ref.axis != "row":
+            return links
+        return links | constant.to(links.device)[ref.index.to(links.device)]
+
     to_clear: list[tuple[NeuronRef, torch.Tensor]] = []  # (ref, boolean "clear" map shaped like ref.index)
     for coupling in couplings:
         if isinstance(coupling, AttentionCoupling):
-            to_clear.extend(_attention_dead(coupling, has_links, rope_aware))
+            to_clear.extend(_attention_dead(coupling, has_links, has_output, rope_aware))
         else:
-            to_clear.extend(_mlp_dead(coupling, has_links))
+            to_clear.extend(_mlp_dead(coupling, has_links, has_output))
 
     cleared: set[str] = set()
     for ref, dead_with_links in to_clear:
@@ -177,11 +207,14 @@ def _percolation_pass(masks: Masks, couplings: list[Coupling], rope_aware: bool)
     return cleared
 
 
-def _attention_dead(coupling: AttentionCoupling, has_links: LinksOf, rope_aware: bool) -> list[tuple[NeuronRef, torch.Tensor]]:
+def _attention_dead(coupling: AttentionCoupling, has_links: LinksOf, has_output: LinksOf,
+                    rope_aware: bool) -> list[tuple[NeuronRef, torch.Tensor]]:
     """Neurons of one attention block that have links but are dead (docs/algorithms.md §4:
-    q/k coupled at the same position with RoPE pairs and GQA, v -> o chain)."""
+    q/k coupled at the same position with RoPE pairs and GQA, v -> o chain;
+    biases and q/k norms as in docs/percolation.md)."""
     has_q, has_k = has_links(coupling.q), has_links(coupling.k)  # (H, d), (H_kv, d)
     has_v, has_o = has_links(coupling.v), has_links(coupling.o)  # (H_kv, d), (H, d)
+    out_q, out_k, out_v = has_output(coupling.q), has_output(coupling.k), has_output(coupling.v)
     heads, kv_heads, head_dim = has_q.shape[0], has_k.shape[0], has_q.shape[1]
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}")
@@ -197,10 +230,13 @@ def _attention_dead(coupling: AttentionCoupling, has_links: LinksOf, rope_aware:
     def any_in_group(q_map: torch.Tensor) -> torch.Tensor:  # (H, d) -> (H_kv, d)
         return q_map.view(kv_heads, group, head_dim).any(dim=1)
 
-    q_alive = has_q & per_q_head(has_k | has_k[:, partner])
-    k_alive = has_k & any_in_group(has_q | has_q[:, partner])
+    if coupling.qk_norm:  # every q (k) row feeds the norm of its whole head: none is dead weight
+        q_alive, k_alive = has_q, has_k
+    else:
+        q_alive = has_q & per_q_head(out_k | out_k[:, partner])
+        k_alive = has_k & any_in_group(out_q | out_q[:, partner])
     v_alive = has_v & any_in_group(has_o)
-    o_alive = has_o & per_q_head(has_v)
+    o_alive = has_o & per_q_head(out_v)
     return [
         (coupling.q, has_q & ~q_alive),
         (coupling.k, has_k & ~k_alive),
@@ -209,14 +245,14 @@ def _attention_dead(coupling: AttentionCoupling, has_links: LinksOf, rope_aware:
     ]
 
 
-def _mlp_dead(coupling: MLPCoupling, has_links: LinksOf) -> list[tuple[NeuronRef, torch.Tensor]]:
+def _mlp_dead(coupling: MLPCoupling, has_links: LinksOf, has_output: LinksOf) -> list[tuple[NeuronRef, torch.Tensor]]:
     """Hidden neurons of one MLP that have links but are dead (docs/algorithms.md §4: gate/up
-    coupled by the product, both chained to the down column)."""
+    coupled by the product, both chained to the down column; an input row
+    with a bias outputs it even without links, docs/percolation.md)."""
     alive = has_links(coupling.output)
-    input_links = [has_links(ref) for ref in coupling.inputs]
-    for has_input in input_links:
-        alive = alive & has_input
-    dead = [(ref, has_input & ~alive) for ref, has_input in zip(coupling.inputs, input_links)]
+    for ref in coupling.inputs:
+        alive = alive & has_output(ref)
+    dead = [(ref, has_links(ref) & ~alive) for ref in coupling.inputs]
     dead.append((coupling.output, has_links(coupling.output) & ~alive))
     return dead
 
