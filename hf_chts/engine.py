@@ -3,9 +3,11 @@
 At every update step (docs/algorithms.md#66-one-topology-update) it runs, for every sparsified layer
 (each row block of a fused layer on its own):
 
-1. prune to the scheduled density by importance top-k (docs/algorithms.md §3.3, α = ``prune_alpha``),
+1. prune to the scheduled density by importance top-k (docs/algorithms.md §3.3, α = ``prune_alpha``;
+   with rounded-down budgets only on a decaying schedule, docs/parity.md),
 2. soft (or rigid) removal of a fraction ζ_t of the live links (docs/algorithms.md §3.3),
-3. network percolation over the coupled layers of the model (docs/algorithms.md §4),
+3. network percolation over the coupled layers of the model (docs/algorithms.md §4; rows with a
+   bias and q/k-norm heads as in docs/percolation.md),
 4. regrowth back to the scheduled density (docs/algorithms.md §5),
 
 then writes the masks into the layers, zeroes the weights and the optimizer
