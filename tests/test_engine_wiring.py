@@ -126,18 +126,14 @@ def test_soft_removal_samples_at_the_scheduled_temperature_with_the_configured_a
     step, trials = 2 * INTERVAL, 300
     temperature = 0.85 / 0.15
     zeta = 0.6 / 2 * (1 + math.cos(math.pi * step / UPDATE_END))
-    want = {
-        name: update_marginals(layer.weight.detach().clone(), layer.mask.clone(), budget=int(layer.mask.sum()),
-                               prune=False, prune_alpha=0.0, zeta=zeta, temperature=temperature, removal_alpha=0.5,
-                               rule="ch2_l3n")
-        for name, layer in engine.layers.items()
-    }
-    at_one = {
-        name: update_marginals(layer.weight.detach().clone(), layer.mask.clone(), budget=int(layer.mask.sum()),
-                               prune=False, prune_alpha=0.0, zeta=zeta, temperature=1.0, removal_alpha=0.5,
-                               rule="ch2_l3n")
-        for name, layer in engine.layers.items()
-    }
+
+    def reference(at_temperature: float) -> dict[str, torch.Tensor]:
+        return {name: update_marginals(layer.weight.detach().clone(), layer.mask.clone(), budget=int(layer.mask.sum()),
+                                       prune=False, prune_alpha=0.0, zeta=zeta, temperature=at_temperature,
+                                       removal_alpha=0.5, rule="ch2_l3n")
+                for name, layer in engine.layers.items()}
+
+    want, at_one = reference(temperature), reference(1.0)
     assert max(float((want[n] - at_one[n]).abs().max()) for n in want) > 0.3  # T = 1 would be visible
     frequencies, stats = live_frequencies(engine, step, trials, {n: int(l.mask.sum()) for n, l in engine.layers.items()})
     assert stats.temperature == pytest.approx(temperature)

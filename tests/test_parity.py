@@ -25,12 +25,15 @@ MLP = ("gate_proj", "up_proj", "down_proj")  # the coupled layers; attention add
 TRIALS = 600
 
 
-def sigmoid_density(step: int, initial: float, target: float, n: int, k: float = 6.0) -> float:
-    """Density of ALGORITHMS §6 at update index i = step/Δ of n (sigmoid decay)."""
+def sigmoid_progress(i: int, n: int, k: float = 6.0) -> float:
+    """g(i) of ALGORITHMS §6: (σ(k(i−m)/m) − ½)/(σ(k) − σ(−k)) + ½, m = n/2."""
     sigma = lambda x: 1 / (1 + math.exp(-x))
-    i, m = step // INTERVAL, n / 2
-    g = (sigma(k * (i - m) / m) - 0.5) / (sigma(k) - sigma(-k)) + 0.5
-    return 1 - ((1 - initial) + ((1 - target) - (1 - initial)) * g)
+    return (sigma(k * (i - n / 2) / (n / 2)) - 0.5) / (sigma(k) - sigma(-k)) + 0.5
+
+
+def sigmoid_density(step: int, initial: float, target: float, n: int) -> float:
+    """Scheduled density after the update at ``step`` (update index step/Δ of n)."""
+    return initial + (target - initial) * sigmoid_progress(step // INTERVAL, n)
 
 
 def build(method: str, initial: float, target: float, seed: int):
@@ -115,13 +118,7 @@ def test_parity_allows_a_decay_window_past_the_updates_and_stops_short_of_the_ta
     schedule = SparseSchedule.from_config(config, 10_000)
     assert schedule.update_end == 7500 and schedule.num_decay_updates == 80
     final = schedule.density_at(schedule.update_steps()[-1])
-    assert final == pytest.approx(sigmoid_density_recipe(75), abs=1e-12)
+    assert final == pytest.approx(0.5 + (0.1 - 0.5) * sigmoid_progress(75, 80), abs=1e-12)
     assert 0.1 < final < 0.102  # sparsity 0.899..., as the released run ends
     with pytest.raises(ValueError, match="decay_end_fraction"):
         SparsifyConfig(method="chtss", initial_density=0.5, target_density=0.1, decay_end_fraction=0.8)
-
-
-def sigmoid_density_recipe(i: int, n: int = 80, k: float = 6.0) -> float:
-    sigma = lambda x: 1 / (1 + math.exp(-x))
-    g = (sigma(k * (i - n / 2) / (n / 2)) - 0.5) / (sigma(k) - sigma(-k)) + 0.5
-    return 1 - (0.5 + 0.4 * g)
