@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import logical_shape_of
+from .layers import is_dtensor, logical_shape_of
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def constant_output_rows(modules: dict[str, nn.Module]) -> dict[str, torch.Tenso
         bias = getattr(module, "bias", None)
         if bias is None:
             continue
-        full = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
+        full = bias.full_tensor() if is_dtensor(bias) else bias
         rows[name] = (full.detach() != 0) | bias.requires_grad
     return rows
 

@@ -4,9 +4,10 @@ import pytest
 
 from hf_chts import SparsifyConfig
 from hf_chts.schedules import (
-    SparseSchedule, cubic_decay_progress, delta_linear_temperature_at, link_budget, lr_rewarmup_multiplier,
-    removal_fraction_at, sigmoid_decay_progress, temperature_at,
+    SparseSchedule, cubic_decay_progress, delta_linear_temperature_at, lr_rewarmup_multiplier, removal_fraction_at,
+    sigmoid_decay_progress, temperature_at,
 )
+from hf_chts.topology.budgets import link_budget
 
 
 def reference_sigmoid_progress(i, n, k):
