@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .topology.budgets import BUDGET_ROUNDINGS
-from .topology.init import DEGREE_MODES, INIT_METHODS
+from .topology.init import BRF_CENTRES, DEGREE_MODES, INIT_METHODS
 from .topology.regrowth import REGROWTH_METHODS, SELECTIONS
 
 # The choices of the fields below that are implemented here (the engine and the schedules);
@@ -82,6 +82,9 @@ class SparsifyConfig:
         init_beta: rewiring probability of ``bsw`` in [0, 1].
         init_r: receptive-field radius of ``brf`` in [0, 1].
         init_degree_mode: ``brf`` degree distribution, ``"uniform"`` or ``"fixed"``.
+        brf_centres: where ``brf`` centres row ``i`` of a rectangular layer: ``"diagonal"``
+            (``i·max/min``) or ``"integer_stride"`` (``i·⌊max/min⌋ mod max``, released).
+            ``None``: ``"integer_stride"`` with ``parity``.
         bsf_equal_partition: ``bsf`` option (every node of the first side linked).
         bsf_resort: ``bsf`` option: permute the hidden neurons of each MLP chain so that
             in-degree and out-degree ranks agree (hubs feed hubs; CHTs paper §3.1.1).
@@ -114,8 +117,8 @@ class SparsifyConfig:
             paper (every difference is a field below and is listed in docs/parity.md):
             δ end 0.9 (T 1→9), no percolation (RoPE-unaware if switched on), rigid
             regrowth, skipped optimizer step on update steps, LR re-warm-up of 10 steps
-            every cycle for the whole run, link budgets rounded down. Fields given
-            explicitly still win.
+            every cycle for the whole run, link budgets rounded down, BRF centred with
+            the integer stride. Fields given explicitly still win.
         skip_optimizer_step_on_update: parity option (docs/algorithms.md §6.5).
         lr_rewarmup_steps: re-warm-up length ``w`` in optimizer steps; 0 disables
             (``None``: 10 with ``parity``, else 0).
@@ -141,6 +144,7 @@ class SparsifyConfig:
     init_beta: float = 0.25
     init_r: float = 0.25
     init_degree_mode: str = "uniform"
+    brf_centres: str | None = None
     bsf_equal_partition: bool = False
     bsf_resort: bool = False
     reinit_weights: bool = False
@@ -208,6 +212,8 @@ class SparsifyConfig:
             self.lr_rewarmup_mode = "every_cycle" if self.parity else "after_update"
         if self.budget_rounding is None:
             self.budget_rounding = "floor" if self.parity else "nearest"
+        if self.brf_centres is None:
+            self.brf_centres = "integer_stride" if self.parity else "diagonal"
         if self.decay_end_fraction is None:
             self.decay_end_fraction = self.update_end_fraction
         if isinstance(self.target_modules, tuple):
@@ -253,6 +259,7 @@ class SparsifyConfig:
         unit("init_beta")
         unit("init_r")
         choice("init_degree_mode", DEGREE_MODES)
+        choice("brf_centres", BRF_CENTRES)
         choice("removal", REMOVALS)
         unit("removal_alpha")
         unit("prune_alpha")

@@ -165,6 +165,7 @@ def initial_masks(
                 method, len(block.rows), cols, budget / (len(block.rows) * cols), generator=generator,
                 beta=config.init_beta, r=config.init_r, degree_mode=config.init_degree_mode,
                 bsf_equal_partition=config.bsf_equal_partition, calibration_inputs=calibration,
+                brf_centres=config.brf_centres,
             )
             mask[block.rows] = block_mask
         masks[name] = mask

@@ -207,6 +207,27 @@ def test_brf_uses_the_real_valued_diagonal_not_an_integer_stride():
     assert mask.nonzero().tolist() == [[0, 0], [1, 3], [2, 7]]
 
 
+def test_brf_integer_stride_centres_rows_like_the_released_code():
+    # 3 x 10 with the released integer stride 10 // 3 = 3: centres 0, 3, 6 (docs/parity.md)
+    mask = brf_mask(3, 10, 3, 0.0, "fixed", gen(), centres="integer_stride")
+    assert mask.nonzero().tolist() == [[0, 0], [1, 3], [2, 6]]
+
+
+@pytest.mark.parametrize("shape", [(3, 10), (10, 3), (5, 23), (12, 40), (7, 7)])
+def test_brf_integer_stride_r0_takes_the_nearest_columns_to_the_strided_centres(shape):
+    mask = brf_mask(*shape, count_links(0.3, shape[0] * shape[1]), 0.0, "fixed", gen(5), centres="integer_stride")
+    view = construction_view(mask)
+    rows, cols = view.shape
+    stride = max(1, cols // rows)
+    for i in range(rows):
+        centre = (i * stride) % cols
+        distances = [min(abs(j - centre), cols - abs(j - centre)) for j in range(cols)]
+        chosen = sorted(distances[j] for j in range(cols) if view[i, j])
+        assert chosen == sorted(distances)[: len(chosen)], i
+    with pytest.raises(ValueError, match="brf_centres"):
+        build_mask("brf", 4, 8, 0.5, generator=gen(), brf_centres="ring")
+
+
 @pytest.mark.parametrize("shape", [(10, 100), (100, 10), (16, 16), (1, 30), (30, 1)])
 @pytest.mark.parametrize("density", [0.01, 0.1, 0.4, 1.0])
 def test_brf_every_row_of_the_smaller_side_has_a_link(shape, density):

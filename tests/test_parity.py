@@ -122,3 +122,20 @@ def test_parity_allows_a_decay_window_past_the_updates_and_stops_short_of_the_ta
     assert 0.1 < final < 0.102  # sparsity 0.899..., as the released run ends
     with pytest.raises(ValueError, match="decay_end_fraction"):
         SparsifyConfig(method="chtss", initial_density=0.5, target_density=0.1, decay_end_fraction=0.8)
+
+
+def test_parity_starts_from_the_released_brf_centres():
+    from hf_chts.topology.init import build_mask
+
+    masks = {}
+    for parity in (False, True):
+        model = tiny_llama(0, hidden=8, ffn=20)
+        config = SparsifyConfig(method="chts", target_density=0.3, init="brf", init_r=0.0, init_degree_mode="fixed",
+                                parity=parity, target_modules=["gate_proj"])
+        sparsify(model, config)
+        masks[parity] = model.model.layers[0].mlp.gate_proj.mask.clone()
+    for parity, centres in ((False, "diagonal"), (True, "integer_stride")):
+        want = build_mask("brf", 20, 8, 0.3, generator=torch.Generator().manual_seed(0), r=0.0, degree_mode="fixed",
+                          brf_centres=centres)
+        assert torch.equal(masks[parity], want), centres
+    assert not torch.equal(masks[False], masks[True])  # 20 x 8: stride 2 instead of 2.5

@@ -24,7 +24,9 @@ Methods (docs/algorithms.md §2.2; papers: [CHTs-2024] §2.3, §2.4, §3.1 and, 
 lattice is built on the ``min(O, I) x max(O, I)`` matrix and transposed back
 when ``O > I``. Row ``i`` of that matrix has its diagonal centre at the real
 number ``c_i = i · max/min`` and distances are taken on the ring of ``max``
-columns (wrap-around).
+columns (wrap-around). BRF's ``centres="integer_stride"`` puts it at
+``(i · ⌊max/min⌋) mod max`` instead, as the authors' released code does
+(docs/parity.md).
 
 Link budgets (:func:`~hf_chts.topology.budgets.count_links`) live in
 :mod:`hf_chts.topology.budgets`; sparse weight re-initialisation in
@@ -45,6 +47,7 @@ from .common import (
 __all__ = [
     "INIT_METHODS",
     "DEGREE_MODES",
+    "BRF_CENTRES",
     "build_mask",
     "er_mask",
     "bsw_mask",
@@ -59,6 +62,9 @@ INIT_METHODS: tuple[str, ...] = ("er", "bsw", "brf", "bsf", "csti", "dense")
 
 DEGREE_MODES: tuple[str, ...] = ("uniform", "fixed")
 
+#: where BRF centres construction row ``i``: the real-valued diagonal, or the released code's integer stride
+BRF_CENTRES: tuple[str, ...] = ("diagonal", "integer_stride")
+
 
 def build_mask(
     method: str,
@@ -72,6 +78,7 @@ def build_mask(
     degree_mode: str = "uniform",
     bsf_equal_partition: bool = False,
     calibration_inputs: Tensor | None = None,
+    brf_centres: str = "diagonal",
 ) -> Tensor:
     """Initial mask ``[out_features, in_features]`` of one layer (docs/algorithms.md §2).
 
@@ -83,8 +90,9 @@ def build_mask(
     Raises:
         ValueError: unknown ``method`` (the message lists the allowed ones),
             ``density`` outside (0, 1], ``beta`` or ``r`` outside [0, 1],
-            ``degree_mode`` not in ``DEGREE_MODES``, non-positive sizes, and
-            for ``csti`` a missing or mis-shaped ``calibration_inputs``.
+            ``degree_mode`` not in ``DEGREE_MODES``, ``brf_centres`` not in
+            ``BRF_CENTRES``, non-positive sizes, and for ``csti`` a missing or
+            mis-shaped ``calibration_inputs``.
     """
     if method not in INIT_METHODS:
         raise ValueError(f"method must be one of {', '.join(INIT_METHODS)}; got {method!r}")
@@ -93,6 +101,7 @@ def build_mask(
     check_unit_interval("beta", beta)
     check_unit_interval("r", r)
     _check_degree_mode(degree_mode)
+    _check_brf_centres(brf_centres)
     if method == "dense":
         return dense_mask(out_features, in_features)
     n_links = count_links(density, out_features * in_features)
@@ -101,7 +110,7 @@ def build_mask(
     if method == "bsw":
         return bsw_mask(out_features, in_features, n_links, beta, generator)
     if method == "brf":
-        return brf_mask(out_features, in_features, n_links, r, degree_mode, generator)
+        return brf_mask(out_features, in_features, n_links, r, degree_mode, generator, centres=brf_centres)
     if method == "bsf":
         return bsf_mask(out_features, in_features, n_links, generator, equal_partition=bsf_equal_partition)
     return csti_mask(out_features, in_features, n_links, calibration_inputs)
@@ -174,6 +183,7 @@ def brf_mask(
     r: float,
     degree_mode: str,
     generator: torch.Generator,
+    centres: str = "diagonal",
 ) -> Tensor:
     """Bipartite receptive field (CHTss/BRF paper, docs/algorithms.md §2.2).
 
@@ -186,7 +196,9 @@ def brf_mask(
       If ``n_links < rows`` a random subset of ``n_links`` rows gets one link.
     * columns: row ``i`` samples its ``k_i`` columns without replacement with
       ``p_j ∝ (1 + d_ij)^(-(1-r)/r)``, ``d_ij`` the ring distance between
-      column ``j`` and ``c_i = i·max/min``. Exponential ("Gumbel") top-k:
+      column ``j`` and ``c_i = i·max/min`` (``centres="integer_stride"``:
+      ``c_i = (i·⌊max/min⌋) mod max``, the released code's centres, docs/parity.md).
+      Exponential ("Gumbel") top-k:
       keys ``log p_ij - log E_ij``, ``E ~ Exp(1)``, one ``[rows, cols]`` matrix,
       then the ``k_i`` largest keys of each row. ``r = 0`` is the limit
       (the ``k_i`` nearest columns, no randomness, ties to a fixed order);
@@ -199,6 +211,7 @@ def brf_mask(
     check_n_links(n_links, out_features, in_features)
     check_unit_interval("r", r)
     _check_degree_mode(degree_mode)
+    _check_brf_centres(centres)
     rows, cols, transposed = _construction_shape(out_features, in_features)
     if n_links < rows:
         degrees = torch.zeros(rows, dtype=torch.long)
@@ -207,14 +220,14 @@ def brf_mask(
         degrees = _split_evenly(n_links, rows, generator)
     else:
         degrees = _at_least_one_then_uniform(n_links, rows, cols, generator)
-    keys = _receptive_field_keys(rows, cols, r, generator)
+    keys = _receptive_field_keys(rows, cols, r, generator, _centres(rows, cols, centres))
     mask = _top_per_row(keys, degrees)
     return checked_link_count(_to_layer_layout(mask, transposed), n_links)
 
 
-def _receptive_field_keys(rows: int, cols: int, r: float, generator: torch.Generator) -> Tensor:
+def _receptive_field_keys(rows: int, cols: int, r: float, generator: torch.Generator, centres: Tensor) -> Tensor:
     """Sampling keys ``log p_ij - log E_ij`` of BRF; plain ``-d_ij`` at the ``r = 0`` limit."""
-    distance = _ring_distance_to_diagonal(rows, cols)
+    distance = _ring_distance(cols, centres)
     if r == 0.0:
         return -distance
     exponent = (1.0 - r) / r
@@ -307,10 +320,17 @@ def _diagonal_centres(rows: int, cols: int) -> Tensor:
     return torch.arange(rows, dtype=torch.float64) * (cols / rows)
 
 
-def _ring_distance_to_diagonal(rows: int, cols: int) -> Tensor:
-    """``d_ij``: distance on the ring of ``cols`` columns between column ``j`` and ``c_i``."""
+def _centres(rows: int, cols: int, kind: str) -> Tensor:
+    """BRF row centres: the real diagonal, or ``(i·⌊cols/rows⌋) mod cols`` (released code)."""
+    if kind == "integer_stride":
+        return (torch.arange(rows, dtype=torch.float64) * max(1, cols // rows)) % cols
+    return _diagonal_centres(rows, cols)
+
+
+def _ring_distance(cols: int, centres: Tensor) -> Tensor:
+    """``d_ij``: distance on the ring of ``cols`` columns between column ``j`` and ``centres[i]``."""
     # c_i and j both lie in [0, cols), so |j - c_i| < cols and one wrap is enough
-    offset = (torch.arange(cols, dtype=torch.float64).unsqueeze(0) - _diagonal_centres(rows, cols).unsqueeze(1)).abs_()
+    offset = (torch.arange(cols, dtype=torch.float64).unsqueeze(0) - centres.unsqueeze(1)).abs_()
     return torch.minimum(offset, cols - offset)
 
 
@@ -337,6 +357,11 @@ def _uniform_among(candidates: Tensor, count: int, generator: torch.Generator) -
     """``count`` flat indices drawn uniformly without replacement among the True entries."""
     positions = candidates.nonzero().squeeze(1)
     return positions[torch.randperm(positions.numel(), generator=generator)[:count]]
+
+
+def _check_brf_centres(centres: str) -> None:
+    if centres not in BRF_CENTRES:
+        raise ValueError(f"brf_centres must be one of {', '.join(BRF_CENTRES)}; got {centres!r}")
 
 
 def _check_degree_mode(degree_mode: str) -> None:
