@@ -1,6 +1,6 @@
 """Slow, loop-based references for one topology update, shared by the parity and
 engine-wiring tests. Written from docs/parity.md ("One parity topology update,
-step by step") and ALGORITHMS §3/§5 as documented there, not from the engine.
+step by step"), not from the engine.
 
 Masks and weights are plain python: a mask is a set of (row, col) positions,
 weights a dict position -> float. Only the CH link-prediction scores come from

@@ -1,4 +1,4 @@
-"""The engine feeds each topology step the configured knobs (ALGORITHMS §3, §5, §6).
+"""The engine feeds each topology step the configured knobs (removal, decay pruning, regrowth).
 
 Each test compares what the engine did with a slow reference
 (tests/reference_update.py) for the configured value and checks that another

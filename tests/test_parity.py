@@ -26,7 +26,7 @@ TRIALS = 600
 
 
 def sigmoid_progress(i: int, n: int, k: float = 6.0) -> float:
-    """g(i) of ALGORITHMS §6: (σ(k(i−m)/m) − ½)/(σ(k) − σ(−k)) + ½, m = n/2."""
+    """Sigmoid decay progress g(i) = (σ(k(i−m)/m) − ½)/(σ(k) − σ(−k)) + ½, m = n/2."""
     sigma = lambda x: 1 / (1 + math.exp(-x))
     return (sigma(k * (i - n / 2) / (n / 2)) - 0.5) / (sigma(k) - sigma(-k)) + 0.5
 
