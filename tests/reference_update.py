@@ -2,8 +2,8 @@
 engine-wiring tests. Written from docs/parity.md ("One parity topology update,
 step by step"), not from the engine.
 
-Masks and weights are plain python: a mask is a set of (row, col) positions,
-weights a dict position -> float. Only the CH link-prediction scores come from
+Inside, a mask is a python set of (row, col) positions and every score a python
+float, computed link by link. Only the CH link-prediction scores come from
 ``hf_chts.topology.ch_scores`` (checked node by node in test_ch_scores.py), so
 that exactly equal float32 scores tie the same way here and in the engine.
 """
@@ -11,6 +11,7 @@ that exactly equal float32 scores tie the same way here and in the engine.
 from __future__ import annotations
 
 import math
+
 import torch
 import transformers
 
