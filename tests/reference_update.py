@@ -92,25 +92,34 @@ def regrowth_scores(live: set[Position], shape, rule: str) -> torch.Tensor:
     return ch_l3n_scores(mask, {"ch2_l3n": "ch2", "ch3_l3n": "ch3"}[rule])
 
 
-def rigid_regrowth_marginals(live: set[Position], n_grow: int, shape, rule: str) -> dict[Position, float]:
-    """Probability that each empty position is grown: the n_grow best positive scores
-    (ties: lowest flat index); when too few are positive, all of them plus a uniform
-    fill among the other empty positions."""
+def regrowth_marginals(live: set[Position], n_grow: int, shape, rule: str, selection: str = "rigid",
+                       temperature: float = 1.0) -> dict[Position, float]:
+    """Probability that each empty position is grown. Rigid: the n_grow best positive
+    scores (ties: lowest flat index); soft: n_grow positive-score positions drawn one at
+    a time without replacement ∝ score^temperature. When too few scores are positive:
+    all of them plus a uniform fill among the other empty positions."""
     if n_grow <= 0:
         return {}
     rows, cols = shape
     scores = regrowth_scores(live, shape, rule)
     empty = [(i, j) for i in range(rows) for j in range(cols) if (i, j) not in live]
     positive = {p: float(scores[p]) for p in empty if float(scores[p]) > 0}
-    if len(positive) >= n_grow:
+    if len(positive) >= n_grow and selection == "rigid":
         return {p: 1.0 for p in top_k(positive, n_grow, cols)}
+    if len(positive) >= n_grow:
+        grown: dict[Position, float] = {}
+        for drawn, p in kept_set_distribution({q: v ** temperature for q, v in positive.items()}, n_grow).items():
+            for position in drawn:
+                grown[position] = grown.get(position, 0.0) + p
+        return grown
     zero = [p for p in empty if p not in positive]
     fill = (n_grow - len(positive)) / len(zero)
     return {**{p: 1.0 for p in positive}, **{p: fill for p in zero}}
 
 
 def update_marginals(weight: torch.Tensor, mask: torch.Tensor, *, budget: int, prune: bool, prune_alpha: float,
-                     zeta: float, temperature: float, removal_alpha: float, rule: str) -> torch.Tensor:
+                     zeta: float, temperature: float, removal_alpha: float, rule: str, selection: str = "rigid",
+                     regrowth_temperature: float = 1.0) -> torch.Tensor:
     """P(link live after one update) for one layer without percolation (docs/parity.md steps 1-5).
 
     ``temperature=math.inf`` keeps the most important links (rigid removal).
@@ -129,7 +138,8 @@ def update_marginals(weight: torch.Tensor, mask: torch.Tensor, *, budget: int, p
     for kept, p in law.items():
         for position in kept:
             marginals[position] += p
-        for position, q in rigid_regrowth_marginals(set(kept), budget - len(kept), shape, rule).items():
+        grown = regrowth_marginals(set(kept), budget - len(kept), shape, rule, selection, regrowth_temperature)
+        for position, q in grown.items():
             marginals[position] += p * q
     return marginals
 

@@ -139,3 +139,26 @@ def test_soft_removal_samples_at_the_scheduled_temperature_with_the_configured_a
     assert stats.temperature == pytest.approx(temperature)
     for name, probability in want.items():
         assert_close_in_distribution(frequencies[name], probability, trials, name)
+
+
+@pytest.mark.parametrize("selection", ["soft", "rigid"])
+def test_regrowth_samples_with_the_configured_selection(selection):
+    # rigid removal (T = ∞), no percolation: only the regrowth is random, sampled ∝ CH2-L3n score
+    config = SparsifyConfig(method="chts", target_density=0.5, update_interval=INTERVAL, removal_delta_start=1.0,
+                            removal_delta_end=1.0, regrowth_selection=selection, removal_fraction=0.3,
+                            percolation=False, target_modules=["gate_proj"])
+    engine = sparse_engine(config, seed=6, density=0.5, total_steps=TOTAL)
+    step, trials = INTERVAL, 300
+    zeta = 0.3 / 2 * (1 + math.cos(math.pi * step / UPDATE_END))
+
+    def reference(kind: str) -> dict[str, torch.Tensor]:
+        return {name: update_marginals(layer.weight.detach().clone(), layer.mask.clone(), budget=int(layer.mask.sum()),
+                                       prune=False, prune_alpha=0.0, zeta=zeta, temperature=math.inf,
+                                       removal_alpha=1.0, rule="ch2_l3n", selection=kind)
+                for name, layer in engine.layers.items()}
+
+    want, other = reference(selection), reference("rigid" if selection == "soft" else "soft")
+    assert max(float((want[n] - other[n]).abs().max()) for n in want) > 0.3  # the other selection would show
+    frequencies, _ = live_frequencies(engine, step, trials, {n: int(l.mask.sum()) for n, l in engine.layers.items()})
+    for name, probability in want.items():
+        assert_close_in_distribution(frequencies[name], probability, trials, name)
