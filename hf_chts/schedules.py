@@ -182,7 +182,7 @@ class SparseSchedule:
         return removal_fraction_at(step, self.removal_fraction, self.update_end, self.removal_fraction_kind)
 
     def removal_temperature_at(self, step: int) -> float:
-        """Soft-removal temperature of the update at ``step`` ("t_linear" or "delta_linear", §3)."""
+        """Soft-removal temperature of the update at ``step`` ("t_linear" or "delta_linear", docs/algorithms.md §6.3)."""
         if self.temperature_schedule == "delta_linear":
             return delta_linear_temperature_at(step, self.delta_start, self.delta_end, self.update_end)
         return temperature_at(step, self.temperature_start, self.temperature_end, self.update_end)
