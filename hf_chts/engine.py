@@ -320,7 +320,8 @@ class SparseTrainingEngine:
         return stats
 
     def _block_budgets(self, name: str, density: float) -> list[int]:
-        """Links each row block of a layer holds at ``density`` (exact layer total, docs/algorithms.md §2.1; rounding: docs/parity.md)."""
+        """Links each row block of a layer holds at ``density``: the layer total rounded as
+        ``budget_rounding`` says, split exactly over the blocks (docs/algorithms.md §2.1)."""
         mask = self.layers[name].mask
         blocks = self.topology.layers[name].blocks
         total = link_budget(density, mask.numel(), self.config.budget_rounding)

@@ -53,7 +53,8 @@ def _window_fraction(step: int, update_end: int) -> float:
 
 
 def temperature_at(step: int, start: float, end: float, update_end: int) -> float:
-    """Removal temperature rising linearly from ``start`` to ``end`` over ``[0, T_end]`` (docs/algorithms.md §6.3, "t_linear").
+    """Removal temperature rising linearly from ``start`` to ``end`` over ``[0, T_end]``
+    ("t_linear", docs/algorithms.md §6.3).
 
     An infinite end (δ_end = 1, rigid removal) gives ``inf`` throughout.
     """
@@ -182,7 +183,7 @@ class SparseSchedule:
         return removal_fraction_at(step, self.removal_fraction, self.update_end, self.removal_fraction_kind)
 
     def removal_temperature_at(self, step: int) -> float:
-        """Soft-removal temperature of the update at ``step`` ("t_linear" or "delta_linear", docs/algorithms.md §6.3)."""
+        """Soft-removal temperature of the update at ``step`` (docs/algorithms.md §6.3)."""
         if self.temperature_schedule == "delta_linear":
             return delta_linear_temperature_at(step, self.delta_start, self.delta_end, self.update_end)
         return temperature_at(step, self.temperature_start, self.temperature_end, self.update_end)
