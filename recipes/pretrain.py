@@ -12,9 +12,9 @@ reusable parts, so ``hf-chts train`` does exactly the same); this file shows
 the order. It runs on one process or many (DDP / FSDP through accelerate);
 only the main process writes the summary, the plot and the checkpoint.
 
-Overrides use dotted keys parsed as YAML: ``--training.max_steps 50``,
-``--sparsify.target_density 0.1``, ``--model.hidden_size 32``,
-``--data.text_files "[corpus/*.txt]"``. ``--overwrite`` replaces an output
+Overrides use ``HfArgumentParser``'s ``--key value`` syntax with the section as
+prefix: ``--training.max_steps 50`` (or ``--max_steps 50``), ``--sparsify.target_density 0.1``,
+``--model.hidden_size 32``, ``--data.text_files "corpus/*.txt"``. ``--overwrite`` replaces an output
 folder that holds another run.
 """
 

@@ -225,17 +225,65 @@ def test_builtin_corpus_is_offline_and_large():
 
 
 # --------------------------------------------------------------------------- overrides
-def test_overrides_are_parsed_with_yaml_and_applied(tmp_path):
+def test_overrides_are_parsed_by_the_field_types_and_applied(tmp_path):
     write_corpus(tmp_path / "corpus")
     path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path))
     recipe = R.load_recipe(path, ["--training.max_steps", "50", "--sparsify.target_density=0.1",
-                                  "--model.hidden_size", "48", "--training.learning_rate", "3e-3",
-                                  "--tokenizer.train_bpe.vocab_size", "400", "--eval.tasks", "[a, b]",
-                                  "--eval.local_task_from_heldout"])
+                                  "--model.hidden_size", "48", "--learning_rate", "3e-3",
+                                  "--tokenizer.train_bpe.vocab_size", "400", "--eval.tasks", "a", "b",
+                                  "--eval.local_task_from_heldout", "--data.max_validation_samples", "null",
+                                  "--report_to", "tensorboard", "--lr_scheduler_type", "cosine"])
     assert recipe.training["max_steps"] == 50 and recipe.training["learning_rate"] == pytest.approx(3e-3)
+    assert isinstance(recipe.training["learning_rate"], float) and isinstance(recipe.model.hidden_size, int)
+    assert recipe.training["report_to"] == "tensorboard" and recipe.training["lr_scheduler_type"] == "cosine"
     assert recipe.sparsify["target_density"] == pytest.approx(0.1)
     assert recipe.model.hidden_size == 48 and recipe.tokenizer.train_bpe.vocab_size == 400
     assert recipe.eval.tasks == ["a", "b"] and recipe.eval.local_task_from_heldout is True
+    assert recipe.data.max_validation_samples is None
+
+
+def test_yaml_values_are_typed_by_hf_argument_parser(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    raw = small_recipe(tmp_path, training={"learning_rate": "3e-3", "report_to": ["tensorboard", "none"]},
+                       sparsify={"target_modules": ["q_proj", "v_proj"], "percolation": False},
+                       eval={"limit": 8})
+    recipe = R.recipe_from_dict(raw)
+    assert recipe.training["learning_rate"] == pytest.approx(3e-3)  # YAML 1.1 reads 3e-3 as a string
+    assert recipe.training["report_to"] == ["tensorboard", "none"]
+    assert recipe.sparsify["target_modules"] == ["q_proj", "v_proj"] and recipe.sparsify["percolation"] is False
+    assert recipe.eval.limit == 8.0
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--seed", "3"], "several sections (run, sparsify); write --run.seed or --sparsify.seed"),
+    (["--max_stepz", "3"], "did you mean 'max_steps'"),
+    (["--training.lr_scheduler_kwargs.min_lr_rate", "0.1"], "has no sub-keys"),
+    (["--eval.tasks", "a", "--data.block_size", "32", "33"], "data.block_size = ['32', '33'] has the wrong type"),
+    (["--data.block_size", "null"], "data.block_size = 'null' has the wrong type (null is not allowed"),
+])
+def test_override_syntax_errors(tmp_path, override, message):
+    write_corpus(tmp_path / "corpus")
+    path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path))
+    with pytest.raises(ValueError) as error:
+        R.load_recipe(path, override)
+    assert message in str(error.value)
+
+
+def test_wrong_type_in_the_file_fails_before_data_is_loaded_or_anything_written(tmp_path, capsys, monkeypatch):
+    """issue: `learning_rate: fast` used to load data, train the tokenizer and write recipe.yaml first."""
+    write_corpus(tmp_path / "corpus")
+    path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path, training={"learning_rate": "fast"}))
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was loaded before the recipe's types were checked")
+
+    monkeypatch.setattr(R.run, "load_corpus", no_data)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli_main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(path) in err and "training.learning_rate = 'fast'" in err and "invalid float value" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, no tokenizer cache
 
 
 def test_overrides_can_complete_a_recipe(tmp_path):
@@ -377,12 +425,12 @@ def test_missing_text_file_or_dataset_path(tmp_path, capsys):
     path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path))
     missing = str(tmp_path / "corpus" / "missing.txt")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        R.load_recipe(path, ["--data.text_files", f"[{missing}]"])
+        R.load_recipe(path, ["--data.text_files", missing])
     with pytest.raises(FileNotFoundError, match="matches no file"):
-        R.load_recipe(path, ["--data.text_files", f"[{tmp_path / 'nowhere' / '*.txt'}]"])
+        R.load_recipe(path, ["--data.text_files", str(tmp_path / 'nowhere' / '*.txt')])
     with pytest.raises(FileNotFoundError, match="local path './no/such/dataset' does not exist"):
         R.load_recipe(path, ["--data.text_files", "null", "--data.dataset", "./no/such/dataset"])
-    assert cli_main(["train", str(path), "--data.text_files", f"[{missing}]"]) == 2
+    assert cli_main(["train", str(path), "--data.text_files", missing]) == 2
     assert "missing.txt" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -750,10 +798,10 @@ def test_60m_recipe_shrunk_on_two_processes(tmp_path):
         str(ROOT / "recipes" / "pretrain.py"), "--config", str(ROOT / "recipes" / "llama-60m-chtss.yaml"),
         "--run.output_dir", str(out), "--run.global_batch_size", "8",
         # the recipe's streaming pipeline, pointed at local text files instead of OpenWebText
-        "--data.dataset", "null", "--data.text_files", f"[{tmp_path / 'corpus' / '*.txt'}]",
+        "--data.dataset", "null", "--data.text_files", str(tmp_path / 'corpus' / '*.txt'),
         "--data.validation_documents", "30",
         "--data.block_size", "32", "--data.max_validation_samples", "16",
-        "--tokenizer.name", "null", "--tokenizer.train_bpe", "{vocab_size: 300}",
+        "--tokenizer.name", "null", "--tokenizer.train_bpe.vocab_size", "300",
         "--tokenizer.cache_dir", str(tmp_path / "tok"),
         "--model.vocab_size", "null", "--model.hidden_size", "32", "--model.intermediate_size", "64",
         "--model.num_hidden_layers", "2", "--model.num_attention_heads", "4",

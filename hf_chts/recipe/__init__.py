@@ -17,7 +17,8 @@ run) is raised as ``FileNotFoundError`` / ``ValueError`` / ``FileExistsError``
 before anything is trained or written.
 
 The pipeline is split by job: ``schema`` (recipe sections and their keys),
-``validation`` (types and cross-field rules), ``overrides`` (``--section.key value``),
+``typed`` (values typed by transformers' ``HfArgumentParser``), ``validation`` (cross-field rules),
+``overrides`` (``--section.key value``),
 ``loading`` (a recipe file -> a validated recipe), ``paths`` (input files, output folder), ``data`` (corpus, BPE tokenizer, packed blocks), ``presets``
 and ``models`` (architecture, parameter counts, the model), ``trainer``
 (TrainingArguments, Trainer), ``finish`` (the end-of-run steps: evaluation, final checkpoint, reload check, lm-eval),

@@ -1,6 +1,7 @@
 """The recipe schema: its sections (dataclasses), the keys each section allows, and unknown-key errors.
 
-Validation lives in :mod:`hf_chts.recipe.validation`, command-line overrides in
+Values are typed by transformers' ``HfArgumentParser`` (:mod:`hf_chts.recipe.typed`),
+cross-field rules live in :mod:`hf_chts.recipe.validation`, command-line overrides in
 :mod:`hf_chts.recipe.overrides`, reading a recipe file in :mod:`hf_chts.recipe.loading`
 and the input/output paths in :mod:`hf_chts.recipe.paths`.
 """
@@ -92,7 +93,7 @@ class EvalSection:
     tasks: list[str] = field(default_factory=list)
     local_task_from_heldout: bool = False
     local_task_documents: int = 64
-    limit: int | float | None = None
+    limit: float | None = None  # examples per lm-eval task: a count (>= 1) or a fraction (< 1)
     batch_size: int = 8
 
 
@@ -121,6 +122,21 @@ SECTIONS: dict[str, type | None] = {
     "run": RunSection, "data": DataSection, "tokenizer": TokenizerSection, "model": ModelSection,
     "sparsify": None, "training": None, "eval": EvalSection,
 }
+
+
+# sections inside a section: tokenizer.train_bpe
+NESTED_SECTIONS: dict[str, dict[str, type]] = {"tokenizer": {"train_bpe": BPESection}}
+
+
+def section_class(section: str) -> type:
+    """The dataclass that types a section: the recipe's own, ``SparsifyConfig`` or ``TrainingArguments``."""
+    if section == "sparsify":
+        return SparsifyConfig
+    if section == "training":
+        from transformers import TrainingArguments
+
+        return TrainingArguments
+    return SECTIONS[section]
 
 
 # training keys the recipe sets elsewhere

@@ -1,83 +1,58 @@
-"""Validating a recipe mapping: keys, types and the cross-field rules (nothing touches files or the network)."""
+"""Validating a recipe mapping: keys, typed values and the cross-field rules (nothing touches files or the network).
+
+Types are checked by transformers' ``HfArgumentParser`` (:mod:`hf_chts.recipe.typed`);
+this module holds the rules a type cannot express (one data source, divisible
+head counts, positive step counts, ``TrainingArguments``' own checks).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
-import typing
-from typing import Any
 
 from ..suggest import did_you_mean
 from .presets import MODEL_PRESETS, model_settings
 from .schema import (
-    BUILTIN_CORPORA, SECTIONS, TRAINING_RESERVED, Recipe, section_keys, sparsify_config, unknown_key_error,
+    BUILTIN_CORPORA, NESTED_SECTIONS, SECTIONS, TRAINING_RESERVED, Recipe, section_class, section_keys,
+    sparsify_config, unknown_key_error,
 )
+from .typed import NULL_TOKENS, typed_values
 
-_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
-
-
-def fix_yaml_floats(value):
-    """YAML 1.1 reads ``3e-3`` (no dot) as a string; read it as a float."""
-    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: fix_yaml_floats(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [fix_yaml_floats(v) for v in value]
-    return value
-
-
-def _type_ok(value, annotation) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(annotation) or (Any,)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if annotation is Any:
-        return True
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if dataclasses.is_dataclass(annotation):
-        return isinstance(value, dict)
-    return True
-
-
-def _type_name(annotation) -> str:
-    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-def _build_section(cls, values: dict, section: str, where: str):
+def _mapping(values, label: str, where: str) -> dict:
     if values is None:
-        values = {}
+        return {}
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: section '{section}' must be a mapping of key: value, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
+        raise ValueError(f"{where}: section '{label}' must be a mapping of key: value, got {values!r}")
+    return values
+
+
+def _check_keys(values: dict, allowed, label: str, where: str) -> None:
+    for key in values:
+        if label == "training" and key in TRAINING_RESERVED:
+            raise ValueError(f"{where}: training.{key} is set by the recipe's {TRAINING_RESERVED[key]}; "
+                             f"remove it from the training section")
         if key not in allowed:
-            raise unknown_key_error(key, section, allowed, where)
-        annotation = hints[key]
-        if not _type_ok(value, annotation):
-            raise ValueError(f"{where}: {section}.{key} = {value!r} has the wrong type; expected {_type_name(annotation)}")
-        nested = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
-        if isinstance(value, dict) and nested:
-            value = _build_section(nested[0], value, f"{section}.{key}", where)
-        if isinstance(value, int) and not isinstance(value, bool) and set(typing.get_args(annotation) or
-                                                                           (annotation,)) <= {float, type(None)}:
-            value = float(value)
-        kwargs[key] = value
-    return cls(**kwargs)
+            raise unknown_key_error(key, label, allowed, where)
+
+
+def _build_section(cls, values, label: str, where: str):
+    """A section dataclass from its mapping: unknown keys, then every value typed by ``HfArgumentParser``."""
+    values = _mapping(values, label, where)
+    _check_keys(values, {f.name for f in dataclasses.fields(cls)}, label, where)
+    nested = {key: values[key] for key in values if key in NESTED_SECTIONS.get(label, {})}
+    typed = typed_values(cls, {k: v for k, v in values.items() if k not in nested}, label, where)
+    for key, value in nested.items():
+        typed[key] = None if value is None or value in NULL_TOKENS else _build_section(NESTED_SECTIONS[label][key], value,
+                                                                f"{label}.{key}", where)
+    return cls(**typed)
+
+
+def _typed_mapping(section: str, values, where: str) -> dict:
+    """The ``sparsify`` / ``training`` mapping with every value typed by its dataclass's ``HfArgumentParser``."""
+    values = dict(_mapping(values, section, where))
+    _check_keys(values, section_keys(section), section, where)
+    auto = {key: values.pop(key) for key in ("bf16",) if section == "training" and values.get(key) == "auto"}
+    return {**typed_values(section_class(section), values, section, where), **auto}
 
 
 def recipe_from_dict(raw: dict, where: str = "recipe", *, check: bool = True) -> Recipe:
@@ -90,26 +65,13 @@ def recipe_from_dict(raw: dict, where: str = "recipe", *, check: bool = True) ->
         raw = {}
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: a recipe is a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
-    raw = fix_yaml_floats(raw)
     for section in raw:
         if section not in SECTIONS:
             raise unknown_key_error(section, "", SECTIONS, where)
     kwargs = {}
     for section, cls in SECTIONS.items():
-        values = raw.get(section) or {}
-        if cls is not None:
-            kwargs[section] = _build_section(cls, values, section, where)
-            continue
-        if not isinstance(values, dict):
-            raise ValueError(f"{where}: section '{section}' must be a mapping of key: value, got {values!r}")
-        allowed = section_keys(section)
-        for key in values:
-            if section == "training" and key in TRAINING_RESERVED:
-                raise ValueError(f"{where}: training.{key} is set by the recipe's {TRAINING_RESERVED[key]}; "
-                                 f"remove it from the training section")
-            if key not in allowed:
-                raise unknown_key_error(key, section, allowed, where)
-        kwargs[section] = dict(values)
+        values = raw.get(section)
+        kwargs[section] = _build_section(cls, values, section, where) if cls else _typed_mapping(section, values, where)
     recipe = Recipe(**kwargs)
     if check:
         _check_recipe(recipe, where)
@@ -163,35 +125,27 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
                          "(the accumulation is computed from the global batch)")
 
 
-_TRAINING_POSITIVE_INTS = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-                           "gradient_accumulation_steps")
-
-
-_TRAINING_INTS = ("eval_steps", "save_steps", "logging_steps", "warmup_steps", "save_total_limit",
-                  "dataloader_num_workers")
+_TRAINING_POSITIVE = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                      "gradient_accumulation_steps")
+_TRAINING_NON_NEGATIVE = ("eval_steps", "save_steps", "logging_steps", "warmup_steps", "save_total_limit",
+                          "dataloader_num_workers")
 
 
 def _check_training(training: dict, where: str) -> None:
-    """The training section: explicit checks of the integer fields, then ``TrainingArguments`` itself.
+    """The training section's values (already typed): positive step counts, then ``TrainingArguments`` itself.
 
     Every problem is a ``ValueError`` naming ``training.<key>``.
     """
-    if "max_steps" not in training:
+    if training.get("max_steps") is None:
         raise ValueError(f"{where}: training.max_steps must be set to a positive number of optimizer steps "
                          "(the sparse schedule is sized from it)")
-    for key in _TRAINING_POSITIVE_INTS + _TRAINING_INTS:
-        if key not in training:
-            continue
-        value = training[key]
-        if key in _TRAINING_INTS and (value is None or isinstance(value, float)):
-            continue  # TrainingArguments accepts None / a float ratio for these (checked below)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{where}: training.{key} = {value!r} has the wrong type; expected an integer")
-        if key in _TRAINING_POSITIVE_INTS and value <= 0:
+    for key in _TRAINING_POSITIVE:
+        if key in training and training[key] <= 0:
             what = " number of optimizer steps (the sparse schedule is sized from it)" if key == "max_steps" else ""
-            raise ValueError(f"{where}: training.{key} = {value!r}; expected a positive integer{what}")
-        if key in _TRAINING_INTS and value < 0:
-            raise ValueError(f"{where}: training.{key} = {value!r}; expected an integer >= 0")
+            raise ValueError(f"{where}: training.{key} = {training[key]!r}; expected a positive integer{what}")
+    for key in _TRAINING_NON_NEGATIVE:
+        if training.get(key) is not None and training[key] < 0:
+            raise ValueError(f"{where}: training.{key} = {training[key]!r}; expected a number >= 0")
     _construct_training_arguments(training, where)
 
 
