@@ -7,48 +7,44 @@ Public API::
 
 Documentation (in the repository): docs/README.md, with the algorithms (docs/algorithms.md),
 the checkpoint format (docs/checkpoint-format.md) and distributed semantics (docs/distributed.md).
+
+Every name is imported on first use (module ``__getattr__``), so ``import hf_chts``
+and ``hf-chts --help`` do not import torch or transformers.
 """
 
-from .config import SparsifyConfig
-from .model import SparsityReport, sparsify, sparsity_report
-from .state import is_sparsified
+from __future__ import annotations
+
+import importlib
+
 from .version import __version__
 
-__all__ = [
-    "SparsifyConfig",
-    "sparsify",
-    "sparsity_report",
-    "SparsityReport",
-    "is_sparsified",
-    "SparseTrainingEngine",
-    "CHTssTrainerCallback",
-    "save_sparse",
-    "load_sparse",
-    "read_engine_state",
-    "merge_lora",
-    "evaluate_model",
-]
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "SparsifyConfig": "config",
+    "sparsify": "model",
+    "sparsity_report": "model",
+    "SparsityReport": "model",
+    "is_sparsified": "state",
+    "SparseTrainingEngine": "engine",
+    "CHTssTrainerCallback": "callback",
+    "save_sparse": "checkpoint",
+    "load_sparse": "checkpoint",
+    "read_engine_state": "checkpoint",
+    "merge_lora": "lora",
+    "evaluate_model": "evaluation",
+}
+
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):  # lazy imports keep `import hf_chts` light
-    if name == "SparseTrainingEngine":
-        from .engine import SparseTrainingEngine
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_chts' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
 
-        return SparseTrainingEngine
-    if name == "CHTssTrainerCallback":
-        from .callback import CHTssTrainerCallback
 
-        return CHTssTrainerCallback
-    if name in ("save_sparse", "load_sparse", "read_engine_state"):
-        from . import checkpoint
-
-        return getattr(checkpoint, name)
-    if name == "merge_lora":
-        from .lora import merge_lora
-
-        return merge_lora
-    if name == "evaluate_model":
-        from .evaluation import evaluate_model
-
-        return evaluate_model
-    raise AttributeError(f"module 'hf_chts' has no attribute {name!r}")
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
