@@ -13,15 +13,26 @@ is due; statistics go through ``Trainer.log`` as ``sparsity/*`` so they reach
 whatever ``report_to`` is set to. Checkpoints (``checkpoint-N/``) get the masks
 and the engine state (``sparsity.safetensors``, ``sparsify_config.json``), and
 a run resumed from a checkpoint continues its schedule where it stopped.
+
+The callback is a transformers stateful callback (``ExportableState``): every
+checkpoint's ``trainer_state.json`` keeps, under ``stateful_callbacks``, its
+arguments and a fingerprint of the engine state saved beside it. On resume the
+Trainer reads that record from the checkpoint it really loads, and the callback
+accepts only the engine state that matches it; with
+``TrainingArguments(restore_callback_states_from_checkpoint=True)`` the Trainer
+rebuilds the callback from the record (``calibration_batch`` is not restored).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import logging
 import os
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import SparsifyConfig
@@ -32,12 +43,16 @@ from .state import find_state
 logger = logging.getLogger(__name__)
 
 
-def _find_trainer() -> tuple[object | None, str | None]:
-    """The ``Trainer`` whose callback handler is calling us, and the checkpoint it resumes from.
+def trainer_on_call_stack() -> tuple[object | None, str | None]:
+    """The ``Trainer`` running the callback event, and the checkpoint folder ``train()`` resumes from.
 
-    The callback API passes neither, so we read them from the calling frames:
-    ``self`` of the Trainer's methods and the ``resume_from_checkpoint`` argument
-    of ``Trainer._inner_training_loop`` (``train()`` does not store it in ``args``).
+    The one place hf_chts relies on transformers internals: the callback API passes
+    neither (``Trainer.log`` is needed to put ``sparsity/*`` into the Trainer's logs
+    and ``report_to``; the folder holds the masks and the engine state). Both are read
+    from the calling frames: ``self`` of the Trainer's methods and the
+    ``resume_from_checkpoint`` argument of ``Trainer._inner_training_loop``.
+    ``tests/test_callback.py::test_trainer_on_call_stack_matches_this_transformers_release``
+    fails if a transformers release changes this (supported range: pyproject.toml).
     """
     from transformers import Trainer
 
@@ -58,20 +73,31 @@ def _find_trainer() -> tuple[object | None, str | None]:
     return trainer, resume_from
 
 
-class CHTssTrainerCallback(TrainerCallback):
+def engine_fingerprint(engine_state: dict) -> dict:
+    """Identity of an engine state (``SparseTrainingEngine.state_dict()`` format): its step and a digest of its
+    RNG state and update history (the per-layer densities, not kept in checkpoints, left out)."""
+    history = [{k: v for k, v in stats.items() if k != "layer_density"} for stats in engine_state["history"]]
+    digest = hashlib.sha256(engine_state["generator_state"].cpu().numpy().tobytes())
+    digest.update(json.dumps(history, sort_keys=True, default=str).encode())
+    return {"completed_steps": int(engine_state["completed_steps"]), "sha256": digest.hexdigest()}
+
+
+class CHTssTrainerCallback(TrainerCallback, ExportableState):
     """Dynamic sparse training (CHTs / CHTss and the baselines) inside the HF ``Trainer``.
 
     Args:
-        config: the :class:`SparsifyConfig`; used to sparsify the model when
-            ``sparsify()`` was not called yet (otherwise the model's own config wins).
+        config: the :class:`SparsifyConfig` (or its ``to_dict()``); used to sparsify the model
+            when ``sparsify()`` was not called yet (otherwise the model's own config wins).
         log_per_layer: also log each layer's density (``sparsity/layer/<name>``).
         check_ranks: compare a checksum of the masks across processes after
             every update and raise if they differ (default: env ``HF_CHTS_DEBUG=1``).
         calibration_batch: model inputs for ``init='csti'`` when the callback sparsifies.
     """
 
-    def __init__(self, config: SparsifyConfig | None = None, *, log_per_layer: bool = True,
+    def __init__(self, config: SparsifyConfig | dict | None = None, *, log_per_layer: bool = True,
                  check_ranks: bool | None = None, calibration_batch=None) -> None:
+        if isinstance(config, dict):  # from trainer_state.json (ExportableState.from_state)
+            config = SparsifyConfig.from_dict(config)
         if config is not None and not isinstance(config, SparsifyConfig):
             raise TypeError(f"CHTssTrainerCallback expects a SparsifyConfig, got {type(config).__name__}")
         self.config = config
@@ -80,6 +106,13 @@ class CHTssTrainerCallback(TrainerCallback):
         self.calibration_batch = calibration_batch
         self.engine: SparseTrainingEngine | None = None
         self._trainer = None
+
+    def state(self) -> dict:
+        """The record transformers keeps in each checkpoint's ``trainer_state.json`` (``stateful_callbacks``)."""
+        saved = engine_fingerprint(self.engine.state_dict(include_masks=False)) if self.engine is not None else None
+        return {"args": {"config": self.config.to_dict() if self.config is not None else None,
+                         "log_per_layer": self.log_per_layer, "check_ranks": self.check_ranks},
+                "attributes": {"saved_engine": saved}}
 
     # ---------------------------------------------------------------- begin
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -94,19 +127,31 @@ class CHTssTrainerCallback(TrainerCallback):
             self.engine.close()
         self.engine = SparseTrainingEngine(model, total_steps=state.max_steps, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler)
-        self._trainer, resume_from = _find_trainer()
+        self._trainer, resume_from = trainer_on_call_stack()
         if state.global_step > 0:
             self._resume(args, state, resume_from)
+
+    def _saved_engine_record(self, state) -> dict | None:
+        """This callback's record in the resumed checkpoint's ``trainer_state.json`` (loaded by the Trainer)."""
+        record = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(record, list):
+            record = record[0] if record else None
+        return (record or {}).get("attributes", {}).get("saved_engine") if isinstance(record, dict) else None
 
     def _resume(self, args, state, resume_from: str | None) -> None:
         from .checkpointing.loading import read_engine_state
 
         # the checkpoint Trainer.train(resume_from_checkpoint=...) really loaded comes first
         candidates = [path for path in (resume_from, args.resume_from_checkpoint) if isinstance(path, str)]
-        if not candidates:
+        if not candidates:  # Trainer's own naming of the folder it saved at this step
             candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        expected = self._saved_engine_record(state)
+        foreign = []
         for folder in candidates:
             engine_state = read_engine_state(folder) if os.path.isdir(folder) else None
+            if engine_state is not None and expected is not None and engine_fingerprint(engine_state) != expected:
+                foreign.append(folder)  # another run's checkpoint (e.g. at the guessed path): never load it
+                continue
             if engine_state is not None:
                 if engine_state["completed_steps"] != state.global_step:
                     raise ValueError(
@@ -116,6 +161,12 @@ class CHTssTrainerCallback(TrainerCallback):
                 self.engine.load_state_dict(engine_state)
                 logger.info("hf_chts: resumed sparse training state from %s", folder)
                 return
+        if foreign:
+            raise ValueError(
+                f"resuming at step {state.global_step}: the engine state in {foreign} is not the one the resumed "
+                f"checkpoint's trainer_state.json recorded ({expected}); it belongs to another run. Pass the "
+                "checkpoint folder to Trainer.train(resume_from_checkpoint=...) and TrainingArguments.resume_from_checkpoint"
+            )
         raise ValueError(
             f"resuming at step {state.global_step} but no hf_chts engine state was found in {candidates}: "
             "the checkpoint was not written by a sparse run (sparsify_config.json / sparsity.safetensors missing)"

@@ -170,3 +170,100 @@ def test_resume_from_a_checkpoint_outside_output_dir(make_tiny_model, tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "A" / "checkpoint-9"))
     for name, layer in sparse_layers(first_model).items():
         assert torch.equal(layer.mask, sparse_layers(resumed_model)[name].mask), name
+
+
+# ------------------------------------------------------------ transformers integration (public API + one fallback)
+def test_trainer_on_call_stack_matches_this_transformers_release(make_tiny_model, tmp_path):
+    """The one internal hf_chts relies on: if this fails, a transformers release changed Trainer's call stack and
+    hf_chts.callback.trainer_on_call_stack (and the supported range in pyproject.toml) must be updated."""
+    import inspect
+
+    from transformers import Trainer, TrainerCallback
+
+    from hf_chts.callback import trainer_on_call_stack
+
+    assert "resume_from_checkpoint" in inspect.signature(Trainer._inner_training_loop).parameters, \
+        "transformers changed Trainer._inner_training_loop: update hf_chts.callback.trainer_on_call_stack"
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append(("begin", *trainer_on_call_stack()))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(("step", *trainer_on_call_stack()))
+
+    config = SparsifyConfig(method="chts", target_density=0.5, update_interval=1)
+    trainer, _ = make_trainer(make_tiny_model("llama"), tmp_path, config, max_steps=4, save_strategy="steps",
+                              save_steps=1)
+    trainer.train()
+    again, _ = make_trainer(make_tiny_model("llama"), tmp_path, config, max_steps=4)
+    again.add_callback(Probe())
+    checkpoint = str(tmp_path / "checkpoint-1")
+    again.train(resume_from_checkpoint=checkpoint)
+    assert seen[0] == ("begin", again, checkpoint), "trainer_on_call_stack no longer finds the Trainer / resume folder"
+    assert seen[1][:2] == ("step", again)
+
+
+def test_checkpoints_record_the_callback_in_trainer_state(make_tiny_model, tmp_path):
+    import json
+
+    from hf_chts.callback import engine_fingerprint
+    from hf_chts.checkpoint import read_engine_state
+
+    config = SparsifyConfig(method="chtss", target_density=0.3, update_interval=2, seed=4)
+    trainer, callback = make_trainer(make_tiny_model("llama"), tmp_path, config, max_steps=6, save_strategy="steps",
+                                     save_steps=3)
+    trainer.train()
+    for step in (3, 6):
+        folder = tmp_path / f"checkpoint-{step}"
+        record = json.loads((folder / "trainer_state.json").read_text())["stateful_callbacks"]["CHTssTrainerCallback"]
+        assert record["args"]["config"] == config.to_dict() and record["args"]["log_per_layer"] is True
+        saved = record["attributes"]["saved_engine"]
+        assert saved["completed_steps"] == step and saved == engine_fingerprint(read_engine_state(folder))
+    assert json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())["stateful_callbacks"][
+        "CHTssTrainerCallback"]["attributes"]["saved_engine"]["sha256"] != saved["sha256"]
+
+
+def _two_runs_with_a_decoy(make_tiny_model, tmp_path):
+    common = dict(max_steps=12, save_strategy="steps", save_steps=6, learning_rate=1e-2)
+    config = SparsifyConfig(method="chtss", target_density=0.3, update_interval=3, seed=0)
+    first_model = make_tiny_model("llama", seed=1)
+    make_trainer(first_model, tmp_path / "A", config, **common)[0].train()
+    decoy_config = SparsifyConfig(method="chtss", target_density=0.3, update_interval=3, seed=5)
+    make_trainer(make_tiny_model("llama", seed=3), tmp_path / "B", decoy_config, **common)[0].train()
+    return config, common, first_model
+
+
+def test_resume_never_loads_another_runs_engine_state_when_the_lookup_fails(make_tiny_model, tmp_path, monkeypatch):
+    """Without the call-stack fallback the callback guesses output_dir/checkpoint-N; the stateful-callback record the
+    Trainer loaded from the real checkpoint tells it that the guess (a decoy from another run) is not that state."""
+    import hf_chts.callback
+
+    config, common, _ = _two_runs_with_a_decoy(make_tiny_model, tmp_path)
+    monkeypatch.setattr(hf_chts.callback, "trainer_on_call_stack", lambda: (None, None))
+    resumed, _ = make_trainer(make_tiny_model("llama", seed=2), tmp_path / "B", config, **common)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "A" / "checkpoint-6"))
+    # the public TrainingArguments.resume_from_checkpoint is enough to find it without the fallback
+    resumed, callback = make_trainer(make_tiny_model("llama", seed=2), tmp_path / "B", config, **common,
+                                     resume_from_checkpoint=str(tmp_path / "A" / "checkpoint-6"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "A" / "checkpoint-6"))
+    assert callback.engine.completed_steps == 12
+
+
+def test_trainer_can_rebuild_the_callback_from_trainer_state(make_tiny_model, tmp_path):
+    """TrainingArguments(restore_callback_states_from_checkpoint=True): transformers re-creates the callback from
+    the record (ExportableState); the rebuilt callback resumes the sparse schedule exactly."""
+    from hf_chts.callback import CHTssTrainerCallback
+
+    config, common, first_model = _two_runs_with_a_decoy(make_tiny_model, tmp_path)
+    resumed_model = make_tiny_model("llama", seed=2)
+    resumed, original = make_trainer(resumed_model, tmp_path / "C", SparsifyConfig(method="set", target_density=0.5),
+                                     **common, restore_callback_states_from_checkpoint=True)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "A" / "checkpoint-6"))
+    (rebuilt,) = [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, CHTssTrainerCallback)]
+    assert rebuilt is not original and rebuilt.config.to_dict() == config.to_dict()
+    assert rebuilt.engine.completed_steps == 12
+    for name, layer in sparse_layers(first_model).items():
+        assert torch.equal(layer.mask, sparse_layers(resumed_model)[name].mask), name
