@@ -5,101 +5,14 @@
         --config recipes/llama-60m-chtss.yaml
     python recipes/pretrain.py --config recipes/tiny-llama-cpu.yaml --training.max_steps 50
 
-Read top to bottom: recipe -> output folder -> data -> tokenizer -> model ->
-sparsify -> Trainer with the CHTss callback -> train -> evaluate -> save ->
-reload and compare -> lm-eval -> summary. Every step is a function of ``hf_chts.recipe`` (the library holds the
-reusable parts, so ``hf-chts train`` does exactly the same); this file shows
-the order. It runs on one process or many (DDP / FSDP through accelerate);
-only the main process writes the summary, the plot and the checkpoint.
-
-Overrides use ``HfArgumentParser``'s ``--key value`` syntax with the section as
-prefix: ``--training.max_steps 50`` (or ``--max_steps 50``), ``--sparsify.target_density 0.1``,
-``--model.hidden_size 32``, ``--data.text_files "corpus/*.txt"``. ``--overwrite`` replaces an output
-folder that holds another run.
+The steps (recipe -> output folder -> data -> tokenizer -> model -> sparsify ->
+Trainer with the CHTss callback -> train -> evaluate -> save -> reload and
+compare -> lm-eval -> summary) are spelt out, one commented block each, in
+``hf_chts/recipe/pretrain.py``, which ships with the package: without this
+repository, run ``accelerate launch -m hf_chts.recipe.pretrain --config <recipe.yaml>``.
 """
 
-import argparse
-import time
-
-from accelerate import PartialState
-
-import hf_chts
-from hf_chts import sparsify
-from hf_chts import recipe as R
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/tiny-llama-cpu.yaml")
-    parser.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
-    args, overrides = parser.parse_known_args(argv)
-    started = time.time()
-
-    # 1. Recipe: YAML + overrides, validated (unknown keys, bad values, missing files fail here),
-    #    and the output folder: it must not hold another run (checked by every rank, nothing written yet).
-    try:
-        recipe = R.load_recipe(args.config, overrides, overwrite=args.overwrite)
-        mode = R.check_output_dir(recipe)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        parser.exit(2, f"pretrain.py: error: {error}\n")
-    R.configure_torch(recipe)  # run.torch_threads
-    state = PartialState()  # one process, or one of many under `accelerate launch`
-
-    # 2. Data and tokenizer: documents -> (BPE trained and cached, or a Hub tokenizer) -> packed blocks.
-    #    The main process goes first so dataset and tokenizer caches are written once.
-    with state.main_process_first():
-        corpus = R.load_corpus(recipe)
-        tokenizer = R.build_tokenizer(recipe, corpus)
-        data = R.build_lm_datasets(recipe, tokenizer, corpus)
-    if state.is_main_process:
-        print(f"data: {data.stats}")
-
-    # 3. Model: a LlamaConfig from the preset (+ overrides), randomly initialised.
-    model = R.build_model(recipe, tokenizer)
-    print(f"[rank {state.process_index}] model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-
-    # 4. Sparsify: every decoder linear becomes a masked layer at the initial density.
-    config = R.sparsify_config(recipe)
-    sparsify(model, config)
-
-    # 5. Everything loaded on every rank: the main process claims the output folder (recipe.yaml).
-    state.wait_for_everyone()
-    if state.is_main_process:
-        R.prepare_output_dir(recipe, mode)
-    state.wait_for_everyone()
-
-    # 6. Trainer + callback: the callback (CHTssTrainerCallback) runs removal / percolation / regrowth
-    #    every Δ steps; the Trainer trains on the packed blocks and evaluates on the validation blocks.
-    callback = R.make_callback(recipe, config)
-    training_args = R.training_arguments(recipe, world_size=state.num_processes)
-    trainer = R.build_trainer(recipe, model, tokenizer, data, callback, args=training_args)
-
-    # 7. Train (resuming from the last checkpoint-N when run.resume is set).
-    resume = R.last_checkpoint(recipe) if mode == "resume" else None
-    output = trainer.train(resume_from_checkpoint=resume)
-
-    # 8. Evaluate: the validation loss through the Trainer, the ranks' ids and, with FSDP2-sharded
-    #    weights, the full state dict. Collective: every rank takes part.
-    metrics = R.evaluate_perplexity(recipe, trainer)
-    ranks = R.gather_ranks()
-    full_state_dict = R.gather_full_state_dict(trainer)
-
-    # 9. The main process saves the sparse checkpoint final/, reloads it with load_sparse and checks
-    #    that it reproduces the trained model, runs lm-eval on it, and writes run_summary.json + plot.
-    if trainer.is_world_process_zero():
-        model = trainer.model
-        report = hf_chts.sparsity_report(model)
-        final_dir = R.save_final_checkpoint(recipe, trainer, tokenizer, full_state_dict)
-        full_state_dict = None
-        reloaded = R.reload_final_checkpoint(recipe, model, final_dir)
-        reload_check = R.check_reload(recipe, model, reloaded, data, final_dir)
-        lm_eval = R.run_lm_eval(recipe, reloaded if reloaded is not None else model, tokenizer, data)
-        summary = R.build_summary(recipe, trainer, callback, data, report=report, metrics=metrics, ranks=ranks,
-                                  reload_check=reload_check, lm_eval=lm_eval, final_dir=final_dir, started=started,
-                                  train_output=output)
-        R.write_summary(recipe, summary)
-    trainer.accelerator.wait_for_everyone()
-
+from hf_chts.recipe.pretrain import main
 
 if __name__ == "__main__":
     main()

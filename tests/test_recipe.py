@@ -787,15 +787,19 @@ def test_tiny_recipe_end_to_end_through_the_cli(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_60m_recipe_shrunk_on_two_processes(tmp_path):
+def test_60m_recipe_shrunk_on_two_processes_from_the_installed_package(tmp_path):
+    """`accelerate launch -m hf_chts.recipe.pretrain` in a folder outside the repository (recipe copied there)."""
     write_corpus(tmp_path / "corpus", files=3, paragraphs=80)
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    recipe_copy = tmp_path / "llama-60m-chtss.yaml"
+    recipe_copy.write_text((ROOT / "recipes" / "llama-60m-chtss.yaml").read_text())
+    # PYTHONPATH: this checkout's package (the venv may hold another editable install), nothing else of the repo
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
-        str(ROOT / "recipes" / "pretrain.py"), "--config", str(ROOT / "recipes" / "llama-60m-chtss.yaml"),
+        "-m", "hf_chts.recipe.pretrain", "--config", str(recipe_copy),
         "--run.output_dir", str(out), "--run.global_batch_size", "8",
         # the recipe's streaming pipeline, pointed at local text files instead of OpenWebText
         "--data.dataset", "null", "--data.text_files", str(tmp_path / 'corpus' / '*.txt'),
@@ -810,7 +814,7 @@ def test_60m_recipe_shrunk_on_two_processes(tmp_path):
         "--training.eval_steps", "4", "--training.save_steps", "100", "--training.logging_steps", "2",
         "--training.bf16", "false", "--run.torch_threads", "1",
     ]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     summary = json.loads((out / R.SUMMARY_FILE).read_text())
     assert summary["world_size"] == 2

@@ -1,6 +1,7 @@
 """Training recipes: a YAML file -> data, tokenizer, model, sparse Trainer run, summary.
 
-Used by ``hf-chts train <recipe.yaml>`` and by ``recipes/pretrain.py`` (which
+Used by ``hf-chts train <recipe.yaml>`` and by :mod:`hf_chts.recipe.pretrain`
+(``accelerate launch -m hf_chts.recipe.pretrain --config <recipe.yaml>``; it
 calls the same functions one by one, so both do the same thing). A recipe has
 seven sections, every field documented in ``recipes/README.md``::
 
