@@ -15,8 +15,9 @@ def _add_train(subparsers) -> None:
         "train",
         help="train a model sparse from a YAML recipe",
         description="Train from a YAML recipe (see recipes/README.md). Extra `--key value` pairs override recipe "
-        "fields, e.g. `--training.max_steps 50 --sparsify.target_density 0.1`. Runs on one process; for several, "
-        "use `accelerate launch recipes/pretrain.py --config <recipe.yaml>`.",
+        "fields in HfArgumentParser's syntax, e.g. `--training.max_steps 50 --sparsify.target_density 0.1` (a field "
+        "name that only one section has works bare: `--learning_rate 1e-3`). Runs on one process; for several, "
+        "use `accelerate launch -m hf_chts.recipe.pretrain --config <recipe.yaml>`.",
     )
     parser.add_argument("recipe", help="path to a recipe YAML file, e.g. recipes/tiny-llama-cpu.yaml")
     parser.add_argument("--overwrite", action="store_true", help="replace an output folder that holds another run")
@@ -33,11 +34,16 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     parser.add_argument("--include-path", default=None, help="folder of extra task YAMLs (local tasks)")
-    parser.add_argument("--output", default=None, help="results JSON path (default: <checkpoint>/eval_results.json)")
+    parser.add_argument("--output-path", "--output", dest="output_path", default=None,
+                        help="where lm-eval's EvaluationTracker saves the results: a folder (<folder>/<model>/"
+                        "results_<time>.json) or a .json path (<name>_<time>.json); default: the checkpoint folder")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=float, default=None, help="evaluate only this many examples per task")
     parser.add_argument("--num-fewshot", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model-args", default=None,
+                        help="lm-eval style key=value pairs: dtype (float32, bfloat16, float16, auto) and device "
+                        "(cuda, cuda:1, mps, cpu), e.g. dtype=bfloat16,device=cuda; default device: the best available")
+    parser.add_argument("--device", default=None, help="same as --model-args device=... (default: best available)")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     parser.add_argument("--bootstrap-iters", type=int, default=1000,
                         help="bootstrap iterations for the stderr of non-mean metrics (0 skips them)")

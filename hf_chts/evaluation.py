@@ -3,9 +3,10 @@
 - :func:`evaluate_model` runs ``lm_eval.simple_evaluate`` on an in-memory model
   (``HFLM(pretrained=model, tokenizer=...)``) and adds the model's density and ANP.
 - :func:`eval_command` is ``hf-chts eval <checkpoint-or-repo> --tasks t1,t2``: it
-  loads the checkpoint with :func:`hf_chts.load_sparse` (compact format included),
-  evaluates, writes lm-eval's results JSON with ``hf_chts`` density/ANP added, and
-  prints a small table.
+  loads the checkpoint with :func:`hf_chts.load_sparse` (compact format included,
+  ``--model-args dtype=...,device=...`` as in lm-eval, device defaulting to the best
+  available), evaluates, saves lm-eval's results JSON with ``hf_chts`` density/ANP
+  added through lm-eval's ``EvaluationTracker``, and prints lm-eval's table.
 - :func:`write_local_tasks` writes offline lm-eval tasks (a multiple-choice task
   and a perplexity task) built from plain texts, e.g. held-out training text.
 
@@ -193,7 +194,8 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
 
 def evaluate_model(model: nn.Module, tokenizer, tasks, *, include_path: str | os.PathLike | None = None,
                    batch_size: int | str = 8, limit: int | float | None = None, num_fewshot: int | None = None,
-                   device: str = "cpu", bootstrap_iters: int = 1000) -> dict | None:
+                   device: str = "cpu", bootstrap_iters: int = 1000, evaluation_tracker=None,
+                   model_args: str = "") -> dict | None:
     """Zero-/few-shot evaluation of an in-memory model with lm-eval-harness.
 
     Args:
@@ -205,6 +207,9 @@ def evaluate_model(model: nn.Module, tokenizer, tasks, *, include_path: str | os
         batch_size, limit, num_fewshot: as in ``lm_eval.simple_evaluate``.
         device: where the model runs.
         bootstrap_iters: bootstrap iterations for the stderr of non-mean metrics (0 skips them).
+        evaluation_tracker: an ``lm_eval.loggers.EvaluationTracker`` that records the run's
+            configuration (save the results with its ``save_results_aggregated``).
+        model_args: lm-eval's model description for the tracker (``"pretrained=<folder>,dtype=..."``).
 
     Returns:
         lm-eval's results dict plus ``results["hf_chts"] = {"density", "anp", "method", ...}``
@@ -219,13 +224,16 @@ def evaluate_model(model: nn.Module, tokenizer, tasks, *, include_path: str | os
 
     names = _task_list(tasks)
     manager = make_task_manager(names, include_path)
+    if limit is not None and float(limit).is_integer() and limit >= 1:
+        limit = int(limit)  # lm-eval: >= 1 is a count of examples, < 1 a fraction
     was_training = model.training
     model.to(device)
     model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                  log_samples=False, bootstrap_iters=bootstrap_iters)
+                                  log_samples=False, bootstrap_iters=bootstrap_iters,
+                                  evaluation_tracker=evaluation_tracker, model_args=model_args)
     finally:
         model.train(was_training)
     if results is None:
@@ -248,57 +256,91 @@ def _is_stderr(metric: str) -> bool:
 
 
 def results_table(results: dict) -> str:
-    """Small text table: task, metric, value (± stderr), then density and ANP."""
-    rows = []
-    for task, metrics in sorted(results.get("results", {}).items()):
-        for key, value in metrics.items():
-            if key in ("alias", "sample_len") or _is_stderr(key) or not isinstance(value, (int, float)):
-                continue
-            metric, _, filter_name = key.partition(",")
-            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
-            shown = f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
-            rows.append((task, metric, shown))
-    width = max([len(r[0]) for r in rows] + [4])
-    lines = [f"{'task':<{width}}  {'metric':<16} value", "-" * (width + 36)]
-    lines += [f"{task:<{width}}  {metric:<16} {value}" for task, metric, value in rows]
+    """lm-eval's own results table (``lm_eval.utils.make_table``; groups too), then density and ANP."""
+    from lm_eval.utils import make_table
+
+    tables = [make_table(results)]
+    if results.get("groups"):
+        tables.append(make_table(results, "groups"))
     summary = results.get("hf_chts", {})
     anp = summary.get("anp")
-    lines.append("-" * (width + 36))
-    lines.append(f"density {summary.get('density', float('nan')):.4f}   ANP {'n/a' if anp is None else format(anp, '.4f')}"
-                 f"   method {summary.get('method')}")
-    return "\n".join(lines)
+    tables.append(f"density {summary.get('density', float('nan')):.4f}   ANP {'n/a' if anp is None else format(anp, '.4f')}"
+                  f"   method {summary.get('method')}")
+    return "\n".join(tables)
 
 
-def _default_output(checkpoint: str) -> Path:
-    if Path(checkpoint).expanduser().is_dir():
-        return Path(checkpoint).expanduser() / "eval_results.json"
-    return Path.cwd() / f"eval_results_{checkpoint.replace('/', '__')}.json"
+def best_device() -> str:
+    """``cuda`` when a GPU is visible, else Apple ``mps``, else ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+MODEL_ARGS = ("dtype", "device")  # the --model-args keys hf-chts eval takes (lm-eval's names)
+
+
+def parse_model_args(text: str | None) -> dict[str, str]:
+    """``"dtype=bfloat16,device=cuda:0"`` -> ``{"dtype": "bfloat16", "device": "cuda:0"}`` (lm-eval's syntax)."""
+    from lm_eval.utils import simple_parse_args_string
+
+    values = simple_parse_args_string(text or "")
+    unknown = sorted(set(values) - set(MODEL_ARGS))
+    if unknown:
+        raise ValueError(f"--model-args: unknown key(s) {', '.join(unknown)}; hf-chts eval takes "
+                         f"{', '.join(MODEL_ARGS)} (e.g. --model-args dtype=bfloat16,device=cuda)")
+    if "dtype" in values:
+        import torch
+
+        if values["dtype"] != "auto" and not isinstance(getattr(torch, str(values["dtype"]), None), torch.dtype):
+            raise ValueError(f"--model-args: dtype={values['dtype']!r} is not a torch dtype "
+                             "(e.g. float32, bfloat16, float16, auto)")
+    return {key: str(value) for key, value in values.items()}
+
+
+def _saved_results_file(tracker) -> Path:
+    """The file ``EvaluationTracker.save_results_aggregated`` wrote (it logs, not raises, when writing fails)."""
+    path = Path(tracker.output_path)
+    date_id = getattr(tracker, "date_id", None)
+    if path.suffix == ".json":
+        written = path.with_name(f"{path.stem}_{date_id}.json")
+    else:
+        written = path / str(tracker.general_config_tracker.model_name_sanitized) / f"results_{date_id}.json"
+    if date_id is None or not written.is_file():
+        raise OSError(f"lm-eval could not write the results under {path} (see its log above)")
+    return written
 
 
 def eval_command(args) -> int:
-    """``hf-chts eval <checkpoint-or-repo> --tasks t1,t2 [--include-path dir] [--output file]``."""
+    """``hf-chts eval <checkpoint-or-repo> --tasks t1,t2 [--model-args dtype=...,device=...] [--output-path p]``."""
+    from lm_eval.loggers import EvaluationTracker
     from transformers import AutoTokenizer
 
     from .checkpointing.loading import load_sparse, resolve_checkpoint
-    from .io_utils import atomic_write_text
 
+    model_args = parse_model_args(getattr(args, "model_args", None))
+    device = model_args.get("device") or getattr(args, "device", None) or best_device()
     folder = resolve_checkpoint(args.checkpoint, revision=getattr(args, "revision", None))
-    model = load_sparse(folder)
+    dtype = model_args.get("dtype")
+    model = load_sparse(folder, **({"dtype": dtype} if dtype else {}))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    limit = args.limit
-    if limit is not None and float(limit).is_integer() and limit >= 1:
-        limit = int(limit)
+    output = args.output_path or (str(folder) if Path(folder).is_dir() else str(Path.cwd()))
+    tracker = EvaluationTracker(output_path=output)
+    described = ",".join([f"pretrained={args.checkpoint}"] + [f"{k}={v}" for k, v in model_args.items()])
     results = evaluate_model(model, tokenizer, args.tasks, include_path=args.include_path,
-                             batch_size=args.batch_size, limit=limit, num_fewshot=args.num_fewshot,
-                             device=args.device, bootstrap_iters=getattr(args, "bootstrap_iters", 1000))
+                             batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot,
+                             device=device, bootstrap_iters=getattr(args, "bootstrap_iters", 1000),
+                             evaluation_tracker=tracker, model_args=described)
     if results is None:
         return 0
     results = jsonable_results(results)
-    results["hf_chts"]["checkpoint"] = str(args.checkpoint)
-    output = Path(args.output) if args.output else _default_output(str(args.checkpoint))
-    atomic_write_text(output, json.dumps(results, indent=2, allow_nan=True) + "\n")
+    results["hf_chts"].update(checkpoint=str(args.checkpoint), device=device, dtype=str(next(model.parameters()).dtype))
+    tracker.save_results_aggregated(results=results, samples=None)
     print(results_table(results))
-    print(f"results written to {output}")
+    print(f"results written to {_saved_results_file(tracker)}")
     return 0
 
 
@@ -313,4 +355,4 @@ def finite_metrics(results: dict) -> dict[str, dict[str, float]]:
 
 
 __all__ = ["evaluate_model", "eval_command", "write_local_tasks", "make_task_manager", "sparsity_summary",
-           "jsonable_results", "results_table", "finite_metrics"]
+           "jsonable_results", "results_table", "finite_metrics", "best_device", "parse_model_args"]

@@ -48,11 +48,15 @@ def workspace(tmp_path_factory):
     return {"root": root, "model": model, "tokenizer": tokenizer, "tasks": root / "tasks", "names": names}
 
 
-def run_hf_chts_eval(workspace, checkpoint, output, tasks=(CHOICE, PERPLEXITY)):
+def run_hf_chts_eval(workspace, checkpoint, output, tasks=(CHOICE, PERPLEXITY), extra=()):
+    """`hf-chts eval ... --output-path <name>.json`: lm-eval's EvaluationTracker writes <name>_<time>.json."""
+    output = Path(output)
+    before = set(output.parent.glob(f"{output.stem}_*.json"))
     code = cli_main(["eval", str(checkpoint), "--tasks", ",".join(tasks), "--include-path", str(workspace["tasks"]),
-                     "--output", str(output), "--batch-size", "4", "--limit", LIMIT])
+                     "--output-path", str(output), "--batch-size", "4", "--limit", LIMIT, *extra])
     assert code == 0
-    return json.loads(Path(output).read_text())
+    (written,) = set(output.parent.glob(f"{output.stem}_*.json")) - before
+    return json.loads(written.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +104,32 @@ def test_hf_chts_eval_reports_scores_density_and_anp(workspace, hf_chts_results,
     assert compact["hf_chts"]["density"] == pytest.approx(report.density)
     table = capsys.readouterr().out
     assert "acc" in table and f"density {report.density:.4f}" in table and f"ANP {report.anp:.4f}" in table
+    assert "|Tasks|Version|Filter|n-shot|Metric|" in table.replace(" ", "")  # lm-eval's own table
+    assert hf_chts_results["hf_chts"]["device"] == "cpu" and hf_chts_results["hf_chts"]["dtype"] == "torch.float32"
+    assert hf_chts_results["model_name"] == str(workspace["root"] / "dense")  # lm-eval's tracker fields
+
+
+def test_eval_model_args_like_lm_eval(workspace, hf_chts_results, tmp_path, capsys):
+    bf16 = run_hf_chts_eval(workspace, workspace["root"] / "dense", tmp_path / "bf16.json", (CHOICE,),
+                            extra=("--model-args", "dtype=bfloat16,device=cpu"))
+    assert bf16["hf_chts"]["dtype"] == "torch.bfloat16" and bf16["hf_chts"]["device"] == "cpu"
+    assert bf16["config"]["model_args"].endswith("dtype=bfloat16,device=cpu")
+    assert 0.0 <= bf16["results"][CHOICE]["acc,none"] <= 1.0
+    for bad, message in (("dtype=float99", "is not a torch dtype"), ("precision=16", "unknown key(s) precision")):
+        assert cli_main(["eval", str(workspace["root"] / "dense"), "--tasks", CHOICE, "--model-args", bad]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_best_device_prefers_a_gpu(monkeypatch):
+    import hf_chts.evaluation as evaluation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert evaluation.best_device() == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert evaluation.best_device() == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert evaluation.best_device() == "cuda"
 
 
 def test_evaluate_model_in_memory_and_off_main(workspace, hf_chts_results, monkeypatch):

@@ -848,3 +848,22 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed["final_density"] == full["final_density"]
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
     assert [h["step"] for h in resumed["sparsity_history"]] == [h["step"] for h in full["sparsity_history"]]
+
+
+@pytest.mark.slow
+def test_recipe_logs_to_tensorboard_offline(tmp_path):
+    """`hf-chts train <recipe> --report_to tensorboard` (the `tracking` extra): loss and sparsity/* scalars."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_corpus(tmp_path / "corpus")
+    path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path, eval={"check_reload": False}))
+    assert cli_main(["train", str(path), "--report_to", "tensorboard", "--logging_steps", "2"]) == 0
+    events = sorted((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    tags = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/sparsity/density", "train/sparsity/target_density"} <= tags, tags
