@@ -867,3 +867,47 @@ def test_recipe_logs_to_tensorboard_offline(tmp_path):
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert {"train/loss", "train/sparsity/density", "train/sparsity/target_density"} <= tags, tags
+
+
+# --------------------------------------------------------------------------- dense baseline (eval.compare_dense)
+def test_dense_baseline_recipe_is_the_same_recipe_trained_dense(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    recipe = R.load_recipe(write_yaml(tmp_path / "r.yaml", small_recipe(
+        tmp_path, eval={"compare_dense": True, "tasks": ["x"], "local_task_from_heldout": True},
+        training={"learning_rate": 2e-3})))
+    for mode, resume in (("new", False), ("overwrite", False), ("resume", True)):
+        dense = R.dense_baseline_recipe(recipe, mode)
+        assert R.sparsify_config(dense).is_dense and R.sparsify_config(dense).method == "dense"
+        assert dense.output_dir == recipe.output_dir / R.DENSE_BASELINE_DIR
+        assert (dense.run.resume, dense.run.overwrite) == (resume, not resume)
+        assert dense.training == recipe.training and dense.data == recipe.data and dense.model == recipe.model
+        assert dense.run.seed == recipe.run.seed and dense.tokenizer == recipe.tokenizer
+        assert not dense.eval.compare_dense and dense.eval.tasks == [] and not dense.eval.local_task_from_heldout
+    assert recipe.sparsify["method"] == "chtss" and recipe.eval.compare_dense  # the sparse recipe is untouched
+
+
+def test_summary_shows_the_dense_baseline_side_by_side(tmp_path, capsys):
+    summary = {"method": "chtss", "target_density": 0.3, "val_ppl": 21.4567, "dense_baseline": None}
+    assert R.comparison_line(summary) is None
+    summary["dense_baseline"] = R.dense_baseline_record({"val_loss": 3.0, "val_ppl": 20.0856, "train_loss": 2.9,
+                                                         "steps": 8, "checkpoint": str(tmp_path / "d" / "final"),
+                                                         "loss_curve": {"train": [], "eval": []}})
+    assert R.comparison_line(summary) == "CHTss 30 %: val ppl 21.457, dense: 20.086"
+    assert summary["dense_baseline"]["output_dir"] == str(tmp_path / "d")
+
+
+@pytest.mark.slow
+def test_compare_dense_trains_the_baseline_and_records_it(tmp_path, capsys):
+    write_corpus(tmp_path / "corpus")
+    path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path, eval={"compare_dense": True, "check_reload": False},
+                                                        training={"eval_steps": 4}))
+    assert cli_main(["train", str(path)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / R.SUMMARY_FILE).read_text())
+    dense = json.loads((tmp_path / "run" / R.DENSE_BASELINE_DIR / R.SUMMARY_FILE).read_text())
+    assert dense["method"] == "dense" and dense["final_density"] == 1.0 and dense["steps"] == summary["steps"] == 8
+    assert summary["final_density"] == pytest.approx(0.5, abs=1e-3)
+    assert summary["dense_baseline"]["val_ppl"] == dense["val_ppl"] and dense["val_ppl"] != summary["val_ppl"]
+    line = f"CHTss 50 %: val ppl {summary['val_ppl']:.3f}, dense: {dense['val_ppl']:.3f}"
+    assert line in printed
+    assert summary["dense_baseline"]["loss_curve"]["eval"] == dense["loss_curve"]["eval"] != []

@@ -43,12 +43,13 @@ from .data import (
 )
 from .models import build_model, configure_torch, model_config, parameter_count
 from .presets import MODEL_PRESETS, model_settings
-from .run import last_checkpoint, run_recipe, train_command
+from .run import dense_baseline_recipe, last_checkpoint, run_recipe, train_command, train_dense_baseline
 from .loading import load_recipe
 from .overrides import apply_overrides, parse_overrides
 from .paths import check_input_paths, check_output_dir, prepare_output_dir, resolve_text_files
 from .schema import (
     BUILTIN_CORPORA,
+    DENSE_BASELINE_DIR,
     RECIPE_COPY,
     SECTIONS,
     SUMMARY_FILE,
@@ -77,6 +78,8 @@ from .summary import (
     FINAL_DIR,
     PLOT_FILE,
     build_summary,
+    comparison_line,
+    dense_baseline_record,
     eval_command_line,
     loss_curves,
     plot_training_curves,
@@ -100,6 +103,10 @@ __all__ = [
     "check_input_paths",
     "check_output_dir",
     "check_reload",
+    "comparison_line",
+    "dense_baseline_recipe",
+    "dense_baseline_record",
+    "DENSE_BASELINE_DIR",
     "collate_blocks",
     "configure_torch",
     "Corpus",
@@ -145,6 +152,7 @@ __all__ = [
     "TokenizerSection",
     "train_bpe_tokenizer",
     "train_command",
+    "train_dense_baseline",
     "training_arguments",
     "validation_loss",
     "write_summary",

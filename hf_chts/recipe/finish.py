@@ -116,7 +116,7 @@ def run_lm_eval(recipe: Recipe, model, tokenizer, data: LMData) -> dict[str, Any
 
 # ---------------------------------------------------------------- all steps in order
 def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, started: float,
-               train_output=None) -> dict[str, Any]:
+               train_output=None, dense_baseline: dict | None = None) -> dict[str, Any]:
     """The steps of this module in order (what ``recipes/pretrain.py`` spells out).
 
     Every process must call it (evaluation is collective); only the main
@@ -135,7 +135,7 @@ def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, st
         lm_eval = run_lm_eval(recipe, reloaded if reloaded is not None else trainer.model, tokenizer, data)
         summary = build_summary(recipe, trainer, callback, data, report=report, metrics=metrics, ranks=ranks,
                                 reload_check=reload_check, lm_eval=lm_eval, final_dir=final_dir, started=started,
-                                train_output=train_output)
+                                train_output=train_output, dense_baseline=dense_baseline)
         write_summary(recipe, summary)
     trainer.accelerator.wait_for_everyone()
     return summary

@@ -70,6 +70,10 @@ def main(argv=None):
         R.prepare_output_dir(recipe, mode)
     state.wait_for_everyone()
 
+    # 5b. eval.compare_dense: the same recipe trained dense first, in <output_dir>/dense-baseline
+    #     (every rank takes part); its validation PPL goes into this run's summary and plot.
+    dense_baseline = R.train_dense_baseline(recipe, mode)
+
     # 6. Trainer + callback: the callback (CHTssTrainerCallback) runs removal / percolation / regrowth
     #    every Δ steps; the Trainer trains on the packed blocks and evaluates on the validation blocks.
     callback = R.make_callback(recipe, config)
@@ -98,7 +102,7 @@ def main(argv=None):
         lm_eval = R.run_lm_eval(recipe, reloaded if reloaded is not None else model, tokenizer, data)
         summary = R.build_summary(recipe, trainer, callback, data, report=report, metrics=metrics, ranks=ranks,
                                   reload_check=reload_check, lm_eval=lm_eval, final_dir=final_dir, started=started,
-                                  train_output=output)
+                                  train_output=output, dense_baseline=dense_baseline)
         R.write_summary(recipe, summary)
     trainer.accelerator.wait_for_everyone()
 

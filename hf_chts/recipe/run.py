@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -11,7 +12,8 @@ from .data import build_lm_datasets, build_tokenizer, load_corpus
 from .models import build_model, configure_torch
 from .loading import load_recipe
 from .paths import check_output_dir, prepare_output_dir
-from .schema import Recipe, sparsify_config
+from .schema import DENSE_BASELINE_DIR, Recipe, sparsify_config
+from .summary import dense_baseline_record
 from .finish import finish_run
 from .trainer import build_trainer, make_callback, training_arguments
 
@@ -20,6 +22,32 @@ def last_checkpoint(recipe: Recipe) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(recipe.output_dir)) if recipe.output_dir.is_dir() else None
+
+
+def dense_baseline_recipe(recipe: Recipe, mode: str) -> Recipe:
+    """The same recipe trained dense (``eval.compare_dense``): same data, model, seed and training arguments;
+    output in ``<output_dir>/dense-baseline``; no lm-eval tasks and no reload check (only its loss is compared).
+
+    ``mode`` is the sparse run's (:func:`check_output_dir`): a resumed run resumes its baseline too, otherwise the
+    baseline folder (written by hf_chts inside the run folder) is trained afresh.
+    """
+    dense = copy.deepcopy(recipe)
+    dense.sparsify = {"method": "dense"}
+    dense.run.output_dir = str(recipe.output_dir / DENSE_BASELINE_DIR)
+    dense.run.resume, dense.run.overwrite = mode == "resume", mode != "resume"
+    dense.eval.tasks, dense.eval.local_task_from_heldout, dense.eval.check_reload = [], False, False
+    dense.eval.compare_dense = False
+    return dense
+
+
+def train_dense_baseline(recipe: Recipe, mode: str) -> dict[str, Any] | None:
+    """Train :func:`dense_baseline_recipe` (collective: every process calls it) and return its record for the
+    sparse run's summary (main process; ``None`` elsewhere or when ``eval.compare_dense`` is off)."""
+    if not recipe.eval.compare_dense:
+        return None
+    dense = dense_baseline_recipe(recipe, mode)
+    summary = run_recipe(dense, mode=check_output_dir(dense))
+    return dense_baseline_record(summary) if summary else None
 
 
 def run_recipe(recipe: Recipe, *, mode: str | None = None) -> dict[str, Any]:
@@ -50,12 +78,14 @@ def run_recipe(recipe: Recipe, *, mode: str | None = None) -> dict[str, Any]:
         if state.is_main_process:
             prepare_output_dir(recipe, mode)
         state.wait_for_everyone()
+        dense_baseline = train_dense_baseline(recipe, mode)  # eval.compare_dense: same recipe, dense, first
         callback = make_callback(recipe, config)
         args = training_arguments(recipe, world_size=state.num_processes)
         trainer = build_trainer(recipe, model, tokenizer, data, callback, args=args)
         resume = last_checkpoint(recipe) if mode == "resume" else None
         output = trainer.train(resume_from_checkpoint=resume)
-        return finish_run(recipe, trainer, callback, tokenizer, data, started=started, train_output=output)
+        return finish_run(recipe, trainer, callback, tokenizer, data, started=started, train_output=output,
+                          dense_baseline=dense_baseline)
     finally:
         torch.set_num_threads(threads)  # run.torch_threads applies to this run only
 

@@ -19,6 +19,9 @@ from ..suggest import did_you_mean
 SUMMARY_FILE = "run_summary.json"
 
 
+DENSE_BASELINE_DIR = "dense-baseline"  # eval.compare_dense: the dense run of the same recipe, inside the run folder
+
+
 RECIPE_COPY = "recipe.yaml"  # the resolved recipe (with overrides), written before training: the run marker
 
 
@@ -95,6 +98,7 @@ class EvalSection:
     local_task_documents: int = 64
     limit: float | None = None  # examples per lm-eval task: a count (>= 1) or a fraction (< 1)
     batch_size: int = 8
+    compare_dense: bool = False  # also train the same recipe dense (<output_dir>/dense-baseline) and compare
 
 
 @dataclass
