@@ -911,3 +911,7 @@ def test_compare_dense_trains_the_baseline_and_records_it(tmp_path, capsys):
     line = f"CHTss 50 %: val ppl {summary['val_ppl']:.3f}, dense: {dense['val_ppl']:.3f}"
     assert line in printed
     assert summary["dense_baseline"]["loss_curve"]["eval"] == dense["loss_curve"]["eval"] != []
+    # training the baseline first leaves the sparse run as it is without it
+    assert cli_main(["train", str(path), "--eval.compare_dense", "false", "--run.output_dir", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone" / R.SUMMARY_FILE).read_text())
+    assert alone["val_loss"] == summary["val_loss"] and alone["dense_baseline"] is None

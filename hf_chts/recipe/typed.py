@@ -42,10 +42,6 @@ def section_parser(cls: type):
     return parser
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _union_args(annotation) -> tuple:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return typing.get_args(annotation)
@@ -83,7 +79,7 @@ def typed_values(cls: type, values: dict[str, Any], label: str, where: str) -> d
     the wrong type (<why>)"``. Keys must already be known fields of ``cls``.
     """
     parser = section_parser(cls)
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     typed = {}
     for key, value in values.items():
         annotation = hints[key]
