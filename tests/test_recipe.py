@@ -17,6 +17,7 @@ import yaml
 from hf_chts import recipe as R
 from hf_chts.cli import main as cli_main
 from hf_chts.config import SparsifyConfig
+from hf_chts.recipe.run_folder import write_run_marker
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -463,6 +464,9 @@ def test_output_folder_holding_a_different_run_is_refused(tmp_path, capsys):
     (out / R.SUMMARY_FILE).write_text(json.dumps({"recipe": recipe.to_dict()}))
     with pytest.raises(FileExistsError, match="finished run"):
         R.check_output_dir(recipe)
+    with pytest.raises(FileExistsError, match="no valid .* marker"):  # hf_chts did not create this folder
+        R.check_output_dir(R.load_recipe(path, overwrite=True))
+    write_run_marker(out)
     assert R.check_output_dir(R.load_recipe(path, overwrite=True)) == "overwrite"
     assert R.check_output_dir(R.load_recipe(path, ["--run.resume", "true"])) == "resume"
 

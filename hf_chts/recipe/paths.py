@@ -6,12 +6,13 @@ import copy
 import glob
 import json
 import os
-import shutil
 import sys
+from pathlib import Path
 
 import yaml
 
 from ..io_utils import atomic_write_text, looks_like_local_path
+from .run_folder import RUN_MARKER, clear_run_folder, overwrite_refusal, read_run_marker, write_run_marker
 from .schema import RECIPE_COPY, SUMMARY_FILE, Recipe
 
 def resolve_text_files(patterns: list[str]) -> list[str]:
@@ -62,8 +63,11 @@ def check_output_dir(recipe: Recipe) -> str:
     """Decide what to do with ``run.output_dir``: ``"new"``, ``"resume"`` or ``"overwrite"``.
 
     Raises ``FileExistsError`` when the folder holds a different (or finished)
-    run and neither ``--overwrite`` nor ``run.resume`` was given, or when it is
-    a non-empty folder that is not an hf_chts run (never deleted).
+    run and neither ``--overwrite`` nor ``run.resume`` was given, when it is
+    a non-empty folder that is not an hf_chts run (never deleted), or when
+    ``--overwrite`` may not clear it (see :func:`~hf_chts.recipe.run_folder.overwrite_refusal`:
+    only folders holding hf_chts's run marker, never the current/home folder, a
+    symlink or the recipe's folder).
     """
     out = recipe.output_dir
     if not out.exists():
@@ -71,7 +75,11 @@ def check_output_dir(recipe: Recipe) -> str:
     if not out.is_dir():
         raise FileExistsError(f"run.output_dir {str(out)!r} exists and is not a folder")
     marker, summary = out / RECIPE_COPY, out / SUMMARY_FILE
-    if not marker.exists() and not summary.exists():
+    if recipe.source and marker.resolve() == Path(recipe.source).resolve():
+        raise FileExistsError(f"run.output_dir {str(out)!r} is the folder of the recipe file {recipe.source!r}, and "
+                              f"the run's {RECIPE_COPY} would replace it: choose another run.output_dir "
+                              "(a dedicated folder such as runs/<name>)")
+    if not marker.exists() and not summary.exists() and not (out / RUN_MARKER).exists():
         if any(out.iterdir()):
             raise FileExistsError(f"run.output_dir {str(out)!r} is a non-empty folder that holds no hf_chts run "
                                   f"({RECIPE_COPY} / {SUMMARY_FILE} missing); choose a new or empty folder")
@@ -84,6 +92,9 @@ def check_output_dir(recipe: Recipe) -> str:
     differences = _diff_keys(_comparable(old or {}), _comparable(recipe.to_dict()))
     finished = summary.exists()
     if recipe.run.overwrite:
+        refusal = overwrite_refusal(out, recipe.source)
+        if refusal:
+            raise FileExistsError(refusal)
         return "overwrite"
     if recipe.run.resume:
         if differences:
@@ -101,9 +112,15 @@ def check_output_dir(recipe: Recipe) -> str:
 
 
 def prepare_output_dir(recipe: Recipe, mode: str) -> None:
-    """Main process only: clear the folder when overwriting (it holds an hf_chts run) and write the recipe copy."""
+    """Main process only: claim the folder (run marker), clear it when overwriting, write the recipe copy.
+
+    Overwriting removes only the contents of a folder that holds hf_chts's run
+    marker (checked again here); a new or empty folder gets a fresh marker.
+    """
     out = recipe.output_dir
     if mode == "overwrite" and out.exists():
-        shutil.rmtree(out)
+        clear_run_folder(out, recipe.source)
     out.mkdir(parents=True, exist_ok=True)
+    if mode != "resume" and read_run_marker(out) is None and not any(out.iterdir()):
+        write_run_marker(out)
     atomic_write_text(out / RECIPE_COPY, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
