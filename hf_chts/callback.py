@@ -36,6 +36,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import SparsifyConfig
+from .config_changes import check_allowed_changes
 from .engine import SparseTrainingEngine
 from .model import sparsify
 from .state import find_state
@@ -92,15 +93,19 @@ class CHTssTrainerCallback(TrainerCallback, ExportableState):
         check_ranks: compare a checksum of the masks across processes after
             every update and raise if they differ (default: env ``HF_CHTS_DEBUG=1``).
         calibration_batch: model inputs for ``init='csti'`` when the callback sparsifies.
+        allow_config_change: config fields allowed to differ from the checkpoint's when
+            resuming (only :data:`~hf_chts.config_changes.RESUME_SAFE_FIELDS`); any
+            other difference is refused with the list of differing fields.
     """
 
     def __init__(self, config: SparsifyConfig | dict | None = None, *, log_per_layer: bool = True,
-                 check_ranks: bool | None = None, calibration_batch=None) -> None:
+                 check_ranks: bool | None = None, calibration_batch=None, allow_config_change=None) -> None:
         if isinstance(config, dict):  # from trainer_state.json (ExportableState.from_state)
             config = SparsifyConfig.from_dict(config)
         if config is not None and not isinstance(config, SparsifyConfig):
             raise TypeError(f"CHTssTrainerCallback expects a SparsifyConfig, got {type(config).__name__}")
         self.config = config
+        self.allow_config_change = check_allowed_changes(allow_config_change)
         self.log_per_layer = log_per_layer
         self.check_ranks = os.environ.get("HF_CHTS_DEBUG") == "1" if check_ranks is None else check_ranks
         self.calibration_batch = calibration_batch
@@ -111,7 +116,8 @@ class CHTssTrainerCallback(TrainerCallback, ExportableState):
         """The record transformers keeps in each checkpoint's ``trainer_state.json`` (``stateful_callbacks``)."""
         saved = engine_fingerprint(self.engine.state_dict(include_masks=False)) if self.engine is not None else None
         return {"args": {"config": self.config.to_dict() if self.config is not None else None,
-                         "log_per_layer": self.log_per_layer, "check_ranks": self.check_ranks},
+                         "log_per_layer": self.log_per_layer, "check_ranks": self.check_ranks,
+                         "allow_config_change": list(self.allow_config_change)},
                 "attributes": {"saved_engine": saved}}
 
     # ---------------------------------------------------------------- begin
@@ -158,7 +164,10 @@ class CHTssTrainerCallback(TrainerCallback, ExportableState):
                         f"{folder}: engine state is at step {engine_state['completed_steps']} but the Trainer resumes "
                         f"at step {state.global_step}; the checkpoint folder is inconsistent"
                     )
-                self.engine.load_state_dict(engine_state)
+                try:
+                    self.engine.load_state_dict(engine_state, allow_config_change=self.allow_config_change)
+                except ValueError as error:
+                    raise ValueError(f"cannot resume from {folder}: {error}") from error
                 logger.info("hf_chts: resumed sparse training state from %s", folder)
                 return
         if foreign:

@@ -36,6 +36,7 @@ from torch import nn
 
 from .architectures import constant_output_rows
 from .config import SparsifyConfig
+from .config_changes import check_resume_config
 from .layers import SparseLayerMixin, sparse_layers
 from .model import sparsify
 from .schedules import SparseSchedule, lr_rewarmup_multiplier
@@ -439,10 +440,18 @@ class SparseTrainingEngine:
             state["masks"] = {name: layer.mask.clone().cpu() for name, layer in self.layers.items()}
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore exactly (masks, step, RNG); validates that the state belongs to this model."""
+    def load_state_dict(self, state: dict, *, allow_config_change=None) -> None:
+        """Restore exactly (masks, step, RNG); validates that the state belongs to this model and this config.
+
+        A state saved under another :class:`SparsifyConfig` is refused with every
+        differing field (old → new); ``allow_config_change`` may name fields of
+        :data:`~hf_chts.config_changes.RESUME_SAFE_FIELDS` that are allowed to differ.
+        """
         if not isinstance(state, dict) or state.get("version") != ENGINE_STATE_VERSION:
             raise ValueError("not an hf_chts engine state (missing or unknown 'version')")
+        if not isinstance(state.get("config"), dict):
+            raise ValueError("engine state holds no 'config'; cannot check that it belongs to this SparsifyConfig")
+        check_resume_config(state["config"], self.config, allow_config_change=allow_config_change)
         expected = {name: list(layer.mask.shape) for name, layer in self.layers.items()}
         if state["layers"] != expected:
             missing = sorted(set(expected) - set(state["layers"]))

@@ -104,7 +104,7 @@ def test_state_dict_restores_exactly(make_tiny_model):
 
     resumed = make_tiny_model("llama")
     resumed.train()
-    sparsify(resumed, SparsifyConfig(method="chts", target_density=0.4, update_interval=5, seed=99))  # other masks
+    sparsify(resumed, SparsifyConfig(method="chts", target_density=0.4, update_interval=5, seed=1))  # step-0 masks
     resumed.load_state_dict(saved_model)
     resumed_opt = torch.optim.Adam(resumed.parameters(), lr=1e-2)
     resumed_opt.load_state_dict(saved_opt)

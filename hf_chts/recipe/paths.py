@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..io_utils import atomic_write_text, looks_like_local_path
+from .resume import check_resume_matches
 from .run_folder import RUN_MARKER, clear_run_folder, overwrite_refusal, read_run_marker, write_run_marker
 from .schema import RECIPE_COPY, SUMMARY_FILE, Recipe
 
@@ -97,6 +98,7 @@ def check_output_dir(recipe: Recipe) -> str:
             raise FileExistsError(refusal)
         return "overwrite"
     if recipe.run.resume:
+        check_resume_matches(recipe)
         if differences:
             print(f"hf_chts: resuming in {out} with a changed recipe: {'; '.join(differences[:8])}", file=sys.stderr)
         return "resume"

@@ -12,16 +12,11 @@ from .data import build_lm_datasets, build_tokenizer, load_corpus
 from .models import build_model, configure_torch
 from .loading import load_recipe
 from .paths import check_output_dir, prepare_output_dir
+from .resume import last_checkpoint
 from .schema import DENSE_BASELINE_DIR, Recipe, sparsify_config
 from .summary import dense_baseline_record
 from .finish import finish_run
 from .trainer import build_trainer, make_callback, training_arguments
-
-
-def last_checkpoint(recipe: Recipe) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(recipe.output_dir)) if recipe.output_dir.is_dir() else None
 
 
 def dense_baseline_recipe(recipe: Recipe, mode: str) -> Recipe:
