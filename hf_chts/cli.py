@@ -8,6 +8,37 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+
+from .errors import UserError
+
+#: Exceptions that mean bad input (recipe, checkpoint, flag, folder, environment): one line, exit status 2.
+USER_ERRORS = (UserError, ValueError, OSError, ModuleNotFoundError)
+USER_ERROR_STATUS = 2
+INTERNAL_ERROR_STATUS = 1
+REPORT_HINT = ("this is a bug in hf_chts, not in your input: please report it with the command you ran and the "
+               "traceback above")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are one line (``prog: error: ... (see prog --help)``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(USER_ERROR_STATUS, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _unreadable_file_errors() -> tuple[type[BaseException], ...]:
+    """Errors a file-format library raises for a malformed file (bad input, not a bug of hf_chts)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency of transformers
+        return ()
+    return (SafetensorError,)
+
+
+def one_line(message: object) -> str:
+    """``message`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(message).split())
 
 
 def _add_train(subparsers) -> None:
@@ -75,10 +106,12 @@ def _add_export(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="hf-chts",
         description="Brain-inspired dynamic sparse training (CHTs / CHTss) for Hugging Face causal LMs.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of every error (also accepted after the subcommand)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,inspect,export}")
     for add in (_add_train, _add_eval, _add_inspect, _add_export):
         add(subparsers)
@@ -86,21 +119,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "allow_extra", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
-    module_name, function_name = args.handler.split(":")
-    import importlib
+    """Run one ``hf-chts`` command; returns the exit status.
 
-    handler = getattr(importlib.import_module(module_name), function_name)
+    Bad input (``UserError``, ``ValueError``, ``OSError``, a missing optional
+    package, a bad flag) prints one line and returns 2; any other exception is an
+    internal error: traceback, a request to report it, status 1. ``--debug``
+    shows the traceback of user errors too.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    parser = build_parser()
     try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "allow_extra", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as done:  # --help (0) or a usage error (2, already printed on one line)
+        return done.code if isinstance(done.code, int) else USER_ERROR_STATUS
+    args.overrides = extra
+    prog = f"hf-chts {args.command}"
+    try:
+        module_name, function_name = args.handler.split(":")
+        import importlib
+
+        handler = getattr(importlib.import_module(module_name), function_name)
         return int(handler(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"hf-chts {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (*USER_ERRORS, *_unreadable_file_errors()) as error:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(error) or type(error).__name__}", file=sys.stderr)
+        return USER_ERROR_STATUS
+    except Exception as error:  # noqa: BLE001 - everything else is a bug: show it, ask for a report
+        traceback.print_exc()
+        print(f"{prog}: internal error: {type(error).__name__}: {one_line(error)}; {REPORT_HINT}", file=sys.stderr)
+        return INTERNAL_ERROR_STATUS
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | list[tuple[str, 
     is downloaded, trained or written here.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"recipe file {str(path)!r} is a folder; give the path of a recipe YAML file in it")
     if not path.is_file():
         hint = ""
         folder = path.parent if str(path.parent) else Path(".")
@@ -32,7 +34,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | list[tuple[str, 
         raise FileNotFoundError(f"recipe file {str(path)!r} does not exist{hint}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid YAML ({error})") from error
     recipe_from_dict(raw, where=str(path), check=not overrides)  # the file's own unknown keys / types first
     if overrides and isinstance(overrides[0], str):
