@@ -66,6 +66,25 @@ def _fail(field_name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"SparsifyConfig.{field_name}={value!r} is invalid: {allowed}.")
 
 
+#: Float fields where ``math.inf`` has a documented meaning (soft regrowth at T = ∞ is top-k); NaN never does.
+INFINITY_ALLOWED = ("regrowth_temperature",)
+#: ``torch.Generator.manual_seed`` accepts seeds in [0, 2**64).
+SEED_LIMIT = 2**64
+
+
+def _check_finite_floats(config: "SparsifyConfig") -> None:
+    """Every float field is finite (NaN and ±inf refused; +inf only where :data:`INFINITY_ALLOWED`)."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if item.name in INFINITY_ALLOWED and value == math.inf:
+            continue
+        allowed = ("a number or math.inf (top-k); NaN is not valid" if item.name in INFINITY_ALLOWED
+                   else "a finite number; NaN and infinity are not valid")
+        _fail(item.name, value, f"expected {allowed}")
+
+
 @dataclass
 class SparsifyConfig:
     """Configuration of sparse training with the Cannistraci-Hebb rules.
@@ -226,6 +245,8 @@ class SparsifyConfig:
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, the value and what is allowed."""
+        _check_finite_floats(self)
+
         def density(name: str) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
@@ -306,8 +327,8 @@ class SparsifyConfig:
                 continue
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 _fail(name, value, "expected None, a regex string, or a list of module names/suffixes")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            _fail("seed", self.seed, "expected a non-negative integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            _fail("seed", self.seed, "expected an integer in [0, 2**64) (the range of torch.Generator seeds)")
         if isinstance(self.ch_memory_budget_mb, bool) or not isinstance(self.ch_memory_budget_mb, int) or self.ch_memory_budget_mb < 1:
             _fail("ch_memory_budget_mb", self.ch_memory_budget_mb, "expected a positive integer (MiB)")
         if self.init == "dense" and self.initial_density < 1.0:

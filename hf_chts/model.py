@@ -98,7 +98,40 @@ def select_modules(model: nn.Module, config: SparsifyConfig) -> dict[str, nn.Mod
             f"no linear layer of this {type(model).__name__} was selected for sparsification; "
             "set SparsifyConfig.target_modules to module names, suffixes or a regex"
         )
+    check_untied(model, selected)
     return selected
+
+
+def _sharing_keys(tensor: torch.Tensor) -> list[tuple]:
+    """The same object, or a plain tensor with the same memory and shape (views of one flat buffer differ)."""
+    keys = [("id", id(tensor))]
+    if type(tensor) in (nn.Parameter, torch.Tensor) and tensor.device.type != "meta" and tensor.numel():
+        keys.append(("memory", tensor.device.type, tensor.data_ptr(), tuple(tensor.shape)))
+    return keys
+
+
+def check_untied(model: nn.Module, selected: dict[str, nn.Module]) -> None:
+    """Refuse selected modules whose weight is shared with another parameter (e.g. ``lm_head`` tied to the embedding).
+
+    Masking a shared weight would silently zero the other module's weights too
+    (with ``tie_word_embeddings``: most of the input embedding).
+    """
+    owners: dict[tuple, set[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        for key in _sharing_keys(parameter):
+            owners.setdefault(key, set()).add(name)
+    for name, module in selected.items():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        others = sorted({other for key in _sharing_keys(weight) for other in owners.get(key, ())} - {f"{name}.weight"})
+        if others:
+            tied = getattr(getattr(model, "config", None), "tie_word_embeddings", None)
+            raise ValueError(
+                f"SparsifyConfig.target_modules selects {name!r}, whose weight is shared with {', '.join(others)}"
+                f"{' (tie_word_embeddings=True)' if tied else ''}: masking it would zero those weights too. Leave "
+                f"{name!r} out of target_modules (or exclude_modules it), or untie the weights before sparsify()"
+            )
 
 
 def layer_generator(seed: int, name: str) -> torch.Generator:
