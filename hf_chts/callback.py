@@ -37,6 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import SparsifyConfig
 from .config_changes import check_allowed_changes
+from .deepspeed_check import refuse_deepspeed
 from .engine import SparseTrainingEngine
 from .model import sparsify
 from .state import find_state
@@ -124,6 +125,9 @@ class CHTssTrainerCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if model is None:
             raise ValueError("CHTssTrainerCallback needs the Trainer's model; it received none")
+        self._trainer, resume_from = trainer_on_call_stack()
+        refuse_deepspeed("CHTssTrainerCallback", training_args=args, model=model, optimizer=optimizer,
+                         accelerator=getattr(self._trainer, "accelerator", None))
         if find_state(model) is None:
             sparsify(model, self.config or SparsifyConfig(), calibration_batch=self.calibration_batch)
             logger.info("hf_chts: model sparsified by CHTssTrainerCallback")
@@ -133,7 +137,6 @@ class CHTssTrainerCallback(TrainerCallback, ExportableState):
             self.engine.close()
         self.engine = SparseTrainingEngine(model, total_steps=state.max_steps, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler)
-        self._trainer, resume_from = trainer_on_call_stack()
         if state.global_step > 0:
             self._resume(args, state, resume_from)
 

@@ -37,6 +37,7 @@ from torch import nn
 from .architectures import constant_output_rows
 from .config import SparsifyConfig
 from .config_changes import check_resume_config
+from .deepspeed_check import refuse_deepspeed
 from .layers import SparseLayerMixin, sparse_layers
 from .model import sparsify
 from .schedules import SparseSchedule, lr_rewarmup_multiplier
@@ -109,6 +110,7 @@ class SparseTrainingEngine:
 
     def __init__(self, model: nn.Module, config: SparsifyConfig | None = None, *, total_steps: int,
                  optimizer: torch.optim.Optimizer | None = None, lr_scheduler=None) -> None:
+        refuse_deepspeed("SparseTrainingEngine", model=model, optimizer=optimizer)
         if find_state(model) is None:
             sparsify(unwrap_model(model), config)
         state = find_state(model)

@@ -8,11 +8,18 @@ from typing import Any
 
 import yaml
 
+from ..deepspeed_check import refuse_deepspeed
 from ..suggest import did_you_mean
 from .overrides import apply_overrides, parse_overrides
 from .paths import check_input_paths
 from .schema import Recipe
 from .validation import recipe_from_dict
+
+def refuse_deepspeed_section(raw: Any, where: str) -> None:
+    """Refuse ``training.deepspeed`` before ``TrainingArguments`` sees it (see :mod:`hf_chts.deepspeed_check`)."""
+    training = raw.get("training") if isinstance(raw, dict) else None
+    refuse_deepspeed(where, training=training if isinstance(training, dict) else None)
+
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | list[tuple[str, Any]] | None = None, *,
                 overwrite: bool = False) -> Recipe:
@@ -36,10 +43,13 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | list[tuple[str, 
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid YAML ({error})") from error
+    if not overrides:
+        refuse_deepspeed_section(raw, str(path))
     recipe_from_dict(raw, where=str(path), check=not overrides)  # the file's own unknown keys / types first
     if overrides and isinstance(overrides[0], str):
         overrides = parse_overrides(overrides)
     raw = apply_overrides(raw, overrides or [])
+    refuse_deepspeed_section(raw, f"{path} (with overrides)" if overrides else str(path))
     recipe = recipe_from_dict(raw, where=f"{path} (with overrides)" if overrides else str(path))
     recipe.source = str(path)
     if overwrite:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..deepspeed_check import refuse_deepspeed
 from .data import build_lm_datasets, build_tokenizer, load_corpus
 from .models import build_model, configure_torch
 from .loading import load_recipe
@@ -56,6 +57,7 @@ def run_recipe(recipe: Recipe, *, mode: str | None = None) -> dict[str, Any]:
     from ..model import sparsify
 
     started = time.time()
+    refuse_deepspeed(f"recipe {recipe.source or ''}".strip(), training=recipe.training)  # before anything loads
     threads = torch.get_num_threads()
     configure_torch(recipe)
     try:
