@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
-from .errors import UserError
-
-#: Exceptions that mean bad input (recipe, checkpoint, flag, folder, environment): one line, exit status 2.
-USER_ERRORS = (UserError, ValueError, OSError, ModuleNotFoundError)
 USER_ERROR_STATUS = 2
 INTERNAL_ERROR_STATUS = 1
 REPORT_HINT = ("this is a bug in hf_chts, not in your input: please report it with the command you ran and the "
@@ -27,13 +22,21 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(USER_ERROR_STATUS, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-def _unreadable_file_errors() -> tuple[type[BaseException], ...]:
-    """Errors a file-format library raises for a malformed file (bad input, not a bug of hf_chts)."""
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (recipe, checkpoint, flag, folder, environment): one line, exit status 2.
+
+    ``UserError``, ``ValueError``, ``OSError``, a missing optional package, and the
+    error safetensors raises for a malformed file. (Imported here, not at module
+    level, so ``hf-chts --help`` stays light.)
+    """
+    from .errors import UserError
+
+    errors: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, ModuleNotFoundError)
     try:
         from safetensors import SafetensorError
     except ImportError:  # pragma: no cover - safetensors is a dependency of transformers
-        return ()
-    return (SafetensorError,)
+        return errors
+    return (*errors, SafetensorError)
 
 
 def one_line(message: object) -> str:
@@ -147,15 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (*USER_ERRORS, *_unreadable_file_errors()) as error:
+    except Exception as error:  # noqa: BLE001 - sorted below: bad input (exit 2) or a bug (exit 1)
+        import traceback
+
+        if not isinstance(error, user_errors()):
+            traceback.print_exc()
+            print(f"{prog}: internal error: {type(error).__name__}: {one_line(error)}; {REPORT_HINT}", file=sys.stderr)
+            return INTERNAL_ERROR_STATUS
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {one_line(error) or type(error).__name__}", file=sys.stderr)
         return USER_ERROR_STATUS
-    except Exception as error:  # noqa: BLE001 - everything else is a bug: show it, ask for a report
-        traceback.print_exc()
-        print(f"{prog}: internal error: {type(error).__name__}: {one_line(error)}; {REPORT_HINT}", file=sys.stderr)
-        return INTERNAL_ERROR_STATUS
 
 
 if __name__ == "__main__":  # pragma: no cover
