@@ -43,13 +43,14 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | list[tuple[str, 
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid YAML ({error})") from error
-    if not overrides:
+    if not overrides:  # before recipe_from_dict builds TrainingArguments from the training section
         refuse_deepspeed_section(raw, str(path))
     recipe_from_dict(raw, where=str(path), check=not overrides)  # the file's own unknown keys / types first
     if overrides and isinstance(overrides[0], str):
         overrides = parse_overrides(overrides)
     raw = apply_overrides(raw, overrides or [])
-    refuse_deepspeed_section(raw, f"{path} (with overrides)" if overrides else str(path))
+    if overrides:
+        refuse_deepspeed_section(raw, f"{path} (with overrides)")
     recipe = recipe_from_dict(raw, where=f"{path} (with overrides)" if overrides else str(path))
     recipe.source = str(path)
     if overwrite:
