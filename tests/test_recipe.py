@@ -287,6 +287,16 @@ def test_wrong_type_in_the_file_fails_before_data_is_loaded_or_anything_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, no tokenizer cache
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**70])
+def test_run_seed_outside_numpy_range_is_refused_at_load(tmp_path, seed):
+    """transformers.set_seed (numpy) takes 32-bit seeds; a larger run.seed used to fail only at training start."""
+    write_corpus(tmp_path / "corpus")
+    path = write_yaml(tmp_path / "r.yaml", small_recipe(tmp_path))
+    with pytest.raises(ValueError, match=r"run.seed = .*expected an integer in \[0, 2\*\*32\)"):
+        R.load_recipe(path, ["--run.seed", str(seed)])
+    assert R.load_recipe(path, ["--run.seed", str(2**32 - 1)]).run.seed == 2**32 - 1
+
+
 def test_overrides_can_complete_a_recipe(tmp_path):
     write_corpus(tmp_path / "corpus")
     raw = small_recipe(tmp_path)

@@ -117,6 +117,8 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
     if settings["num_attention_heads"] % settings["num_key_value_heads"]:
         raise ValueError(f"{where}: model.num_attention_heads ({settings['num_attention_heads']}) must be a multiple "
                          f"of model.num_key_value_heads ({settings['num_key_value_heads']})")
+    if not 0 <= recipe.run.seed < 2**32:  # transformers.set_seed seeds numpy, which takes 32-bit seeds only
+        raise ValueError(f"{where}: run.seed = {recipe.run.seed}; expected an integer in [0, 2**32)")
     sparsify_config(recipe, where=where)  # SparsifyConfig validation (ValueError naming the field)
     _check_training(recipe.training, where)
     gbs = recipe.run.global_batch_size
