@@ -3,7 +3,8 @@
 A method preset (``"chtss"``, ``"chts"``, ``"cht"``, ``"set"``, ``"rigl"``,
 ``"gmp"``, ``"dense"``) fills every field left at ``None`` with the values of
 docs/algorithms.md §7; fields given explicitly override the preset. The config is
-validated on construction and round-trips through JSON.
+validated on construction and round-trips through JSON; like a PEFT config it has
+``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (:mod:`hf_chts.hub`, docs/hub.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .hub import ConfigHubMixin
 from .topology.budgets import BUDGET_ROUNDINGS
 from .topology.init import BRF_CENTRES, DEGREE_MODES, INIT_METHODS
 from .topology.regrowth import REGROWTH_METHODS, SELECTIONS
@@ -86,8 +88,13 @@ def _check_finite_floats(config: "SparsifyConfig") -> None:
 
 
 @dataclass
-class SparsifyConfig:
+class SparsifyConfig(ConfigHubMixin):
     """Configuration of sparse training with the Cannistraci-Hebb rules.
+
+    ``config.save_pretrained(folder)`` writes ``folder/sparsify_config.json``;
+    ``SparsifyConfig.from_pretrained(folder_or_repo_id, revision=..., token=...)``
+    reads it (or the config of a sparse checkpoint); ``config.push_to_hub(repo_id)``
+    uploads it (docs/hub.md).
 
     Args:
         method: preset filling the defaults of docs/algorithms.md §7: ``"chtss"``
@@ -195,6 +202,7 @@ class SparsifyConfig:
     exclude_modules: list[str] | str | None = None
     seed: int = 0
     ch_memory_budget_mb: int = 1024
+    config_file_name = "sparsify_config.json"  # a class attribute (no annotation): not a field
     # fields the user set explicitly (filled by __post_init__); not part of the public surface
     _explicit: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
@@ -381,16 +389,15 @@ class SparsifyConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the config as JSON (atomically)."""
+        """Write the config as JSON to the file ``path`` (atomically).
+
+        Kept for compatibility: prefer :meth:`save_pretrained`, which takes a folder.
+        """
         from .io_utils import atomic_write_text
 
         atomic_write_text(path, self.to_json_string() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SparsifyConfig":
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); the file may be truncated or corrupted") from error
-        return cls.from_dict(data.get("config", data) if "config" in data and isinstance(data["config"], dict) else data)
+        """Read the config file ``path`` (an alias of :meth:`from_file`; prefer :meth:`from_pretrained`)."""
+        return cls.from_file(path)
