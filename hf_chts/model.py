@@ -1,5 +1,5 @@
-"""``sparsify()``: patch a model's linear layers into masked modules, and
-``sparsity_report()``: per-layer density, live links and active neurons.
+"""``sparsify()``: patch a model's linear layers into masked modules (``sparsity_report()``,
+re-exported here, lives in :mod:`hf_chts.report`).
 
 Layer selection follows PEFT's conventions: ``target_modules`` is a regex
 (full match on the module name) when it is a string, or a list of exact
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import re
 import zlib
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,6 +21,7 @@ from .architectures import COL_ROLES, ModelTopology, build_topology, get_archite
 from .checkpointing.saving import install_save_hook
 from .config import SparsifyConfig
 from .layers import convert_to_sparse, is_linear_like, logical_shape_of, sparse_layers
+from .report import LayerReport, SparsityReport, sparsity_report  # noqa: F401 - public names of this module too
 from .state import (  # noqa: F401 - find_state, unwrap_model, is_sparsified: also importable from here
     SparseModelState, attach_state, find_state, is_sparsified, unwrap_model,
 )
@@ -272,94 +272,3 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
     model._ddp_params_and_buffers_to_ignore = ignored + [f"{name}.mask" for name in modules]
     install_save_hook(model)  # save_pretrained / Trainer.save_model also write the masks
     return model
-
-
-# ------------------------------------------------------------------ report
-@dataclass
-class LayerReport:
-    name: str
-    role: str
-    shape: tuple[int, int]
-    live_links: int
-    total_links: int
-    active_neurons: int
-    total_neurons: int
-
-    @property
-    def density(self) -> float:
-        return self.live_links / self.total_links if self.total_links else 1.0
-
-
-@dataclass
-class SparsityReport:
-    """Per-layer and overall density and active neurons (ANP)."""
-
-    layers: list[LayerReport] = field(default_factory=list)
-
-    @property
-    def live_links(self) -> int:
-        return sum(layer.live_links for layer in self.layers)
-
-    @property
-    def total_links(self) -> int:
-        return sum(layer.total_links for layer in self.layers)
-
-    @property
-    def density(self) -> float:
-        return self.live_links / self.total_links if self.total_links else 1.0
-
-    @property
-    def anp(self) -> float:
-        total = sum(layer.total_neurons for layer in self.layers)
-        return sum(layer.active_neurons for layer in self.layers) / total if total else 1.0
-
-    def to_dict(self) -> dict:
-        return {
-            "density": self.density,
-            "anp": self.anp,
-            "live_links": self.live_links,
-            "total_links": self.total_links,
-            "layers": {
-                layer.name: {
-                    "role": layer.role, "shape": list(layer.shape), "density": layer.density,
-                    "live_links": layer.live_links, "active_neurons": layer.active_neurons,
-                    "total_neurons": layer.total_neurons,
-                }
-                for layer in self.layers
-            },
-        }
-
-    def table(self) -> str:
-        header = f"{'layer':<48} {'role':<8} {'shape':>13} {'density':>8} {'live':>10} {'active':>13}"
-        lines = [header, "-" * len(header)]
-        for layer in self.layers:
-            shape = f"{layer.shape[0]}x{layer.shape[1]}"
-            active = f"{layer.active_neurons}/{layer.total_neurons}"
-            lines.append(f"{layer.name:<48} {layer.role:<8} {shape:>13} {layer.density:>8.4f} "
-                         f"{layer.live_links:>10} {active:>13}")
-        lines.append("-" * len(header))
-        lines.append(f"{'overall':<48} {'':<8} {'':>13} {self.density:>8.4f} {self.live_links:>10} "
-                     f"{'ANP ' + format(self.anp, '.4f'):>13}")
-        return "\n".join(lines)
-
-    __str__ = table
-
-
-def sparsity_report(model: nn.Module) -> SparsityReport:
-    """Density, live links and active neurons of every sparsified layer of ``model``."""
-    from .topology.percolation import active_neurons
-
-    state = find_state(model)
-    if state is None:
-        raise ValueError("this model is not sparsified; call hf_chts.sparsify(model, config) first")
-    layers = sparse_layers(model)
-    masks = {name: layer.mask for name, layer in layers.items()}
-    active, total = active_neurons(masks, state.topology) if masks else ({}, {})
-    report = SparsityReport()
-    for name, layer in layers.items():
-        info = state.topology.layers.get(name)
-        report.layers.append(
-            LayerReport(name, info.role if info else "linear", tuple(layer.mask.shape), int(layer.mask.sum()),
-                        layer.mask.numel(), active.get(name, 0), total.get(name, 0))
-        )
-    return report

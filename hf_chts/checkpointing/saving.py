@@ -34,6 +34,7 @@ from ..io_utils import atomic_path, atomic_write_text
 from ..layers import is_dtensor, sparse_layers
 from ..state import find_state, unwrap_model
 from ..version import __version__
+from ..model_card import CARD_FILE, write_model_card
 from .compact import compact_split
 from .format import (
     CONFIG_FILE, FORMAT_VERSION, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, STAGING_PREFIX, dump_record_json,
@@ -198,8 +199,11 @@ def _staging_dir(target: Path):
 
 def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, compact: bool = False,
                       state_dict: dict | None = None, save_kwargs: dict | None = None,
-                      engine_record: Any = _MISSING) -> Path:
-    """Write weights + masks + config into ``path`` through a staging folder (main process only)."""
+                      engine_record: Any = _MISSING, card_kwargs: dict | None = None) -> Path:
+    """Write weights + masks + config + model card into ``path`` through a staging folder (main process only).
+
+    ``card_kwargs`` go to :func:`hf_chts.model_card.write_model_card` (``overwrite_card``, ``repo_id``, ...).
+    """
     from safetensors.torch import save_file
 
     model = _require_pretrained(model)
@@ -229,6 +233,9 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
         save_file(tensors, str(staging / SPARSITY_FILE), metadata=metadata)
         record = _config_record(model, compact=compact, engine_record=engine_record)
         (staging / CONFIG_FILE).write_text(dump_record_json(record), encoding="utf-8")
+        # the model card (docs/hub.md#2-the-model-card); a README.md in target hf_chts did not write is kept
+        write_model_card(staging, model=model, existing_card=target / CARD_FILE,
+                         **{"repo_id": target.resolve().name, **(card_kwargs or {})})
         _commit_staged(staging, target)
     return target
 
@@ -266,7 +273,7 @@ def _gather_full_state_dict(model: nn.Module) -> dict | None:
 def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, compact: bool = False,
                 push_to_hub: bool = False, repo_id: str | None = None, token: str | None = None,
                 private: bool | None = None, commit_message: str | None = None,
-                max_shard_size: int | str = "5GB") -> Path | None:
+                max_shard_size: int | str = "5GB", overwrite_card: bool = False) -> Path | None:
     """Save a sparsified model as a Hugging Face folder with its masks and sparse-training state.
 
     The folder loads with a vanilla ``AutoModelForCausalLM.from_pretrained(path)``
@@ -285,6 +292,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
         repo_id: Hub repo (default: the folder's name); token / private /
             commit_message: passed to the Hub API.
         max_shard_size: shard size of the weight files (``save_pretrained``).
+        overwrite_card: replace a ``README.md`` in ``path`` that hf_chts did not write with the
+            model card (by default such a README is kept and no card is written; docs/hub.md).
 
     Under FSDP2 (``fully_shard``) every rank must call it (docs/distributed.md §4): the full weights are
     gathered collectively, then the main process writes them.
@@ -296,8 +305,9 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
     state_dict = _gather_full_state_dict(model)  # collective under FSDP2: every rank calls save_sparse
     if not is_main_process():
         return None
+    card = {"overwrite_card": overwrite_card, **({"repo_id": repo_id} if push_to_hub and repo_id else {})}
     folder = write_checkpoint(model, path, tokenizer=tokenizer, compact=compact, state_dict=state_dict,
-                               save_kwargs={"max_shard_size": max_shard_size})
+                               save_kwargs={"max_shard_size": max_shard_size}, card_kwargs=card)
     if push_to_hub:
         _push_folder(folder, repo_id or folder.resolve().name, token=token, private=private,
                      commit_message=commit_message)
@@ -350,9 +360,11 @@ def _hooked_save_pretrained(self, save_directory, *args, **kwargs):
     push = bool(arguments.pop("push_to_hub", False))
     hub = {key: arguments.pop(key, None) for key in ("repo_id", "commit_message", "private", "token")}
     arguments.pop("create_pr", None)
+    card = {"overwrite_card": bool(arguments.pop("overwrite_card", False)),
+            **({"repo_id": hub["repo_id"]} if push and hub["repo_id"] else {})}
     if hub["token"] is not None and not push:
         arguments["token"] = hub["token"]
-    folder = write_checkpoint(self, save_directory, state_dict=state_dict, save_kwargs=arguments)
+    folder = write_checkpoint(self, save_directory, state_dict=state_dict, save_kwargs=arguments, card_kwargs=card)
     if push:
         _push_folder(folder, hub["repo_id"] or folder.resolve().name, token=hub["token"], private=hub["private"],
                      commit_message=hub["commit_message"])
