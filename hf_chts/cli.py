@@ -105,6 +105,9 @@ def _add_export(subparsers) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
     parser.add_argument("output", help="output folder (must not exist or be empty)")
     parser.add_argument("--format", choices=("dense", "compact"), default="dense")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="then upload the output folder to this Hub repo (created if needed)")
+    parser.add_argument("--private", action="store_true", default=None, help="create the Hub repo private")
     parser.set_defaults(handler="hf_chts.checkpoint:export_command")
 
 

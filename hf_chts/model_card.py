@@ -114,13 +114,14 @@ def _files_section(files: list[str], compact: bool, version: Any) -> str:
 
 def build_model_card(folder: str | os.PathLike, *, model: nn.Module | None = None,
                      eval_results: dict[str, dict[str, float]] | None = None, tokens_trained: int | None = None,
-                     repo_id: str | None = None, base_model: str | None = None):
+                     repo_id: str | None = None, base_model: str | None = None, appendix: str | None = None):
     """The ``huggingface_hub.ModelCard`` of the sparse checkpoint in ``folder`` (not written).
 
     ``model`` (the sparsified model that was saved) gives the ANP; without it the
     ANP of the last topology update recorded in the engine history is used.
     ``eval_results`` is ``{task: {metric: value}}``; ``repo_id`` names the model in
-    the loading snippets (default: the folder name); ``base_model`` (a Hub id) goes into the metadata.
+    the loading snippets (default: the folder name); ``base_model`` (a Hub id) goes into the metadata;
+    ``appendix`` (markdown) ends the card (the Trainer's training details, docs/hub.md#3-pushes-carry-the-sparsity-files).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -211,6 +212,8 @@ The full `SparsifyConfig` is in `{CONFIG_FILE}` (`hf_chts.SparsifyConfig.from_pr
 
 {_files_section(files, compact, record.get('format_version'))}
 """
+    if appendix:
+        body += f"\n{appendix.strip()}\n"
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 

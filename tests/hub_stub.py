@@ -47,7 +47,7 @@ class FakeHub:
                 data = source.read()
             added[op.path_in_repo] = data
         self.repos[repo_id].update(added)
-        self.commits.append({"repo_id": repo_id, "message": commit_message, "files": sorted(added)})
+        self.commits.append({"repo_id": repo_id, "message": commit_message, "files": sorted(added), "data": added})
         info = CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{len(self.commits):040x}",
                           commit_message=commit_message, commit_description="", oid=f"{len(self.commits):040x}")
         if run_as_future:

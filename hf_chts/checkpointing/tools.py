@@ -137,9 +137,10 @@ def inspect_command(args) -> int:
     return 0
 
 
-def export_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *, format: str = "dense") -> Path:
+def export_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *, format: str = "dense",
+                      repo_id: str | None = None) -> Path:
     """Rewrite a sparse checkpoint as ``dense`` (vanilla-loadable) or ``compact``; keeps masks, config,
-    engine progress and the tokenizer."""
+    engine progress and the tokenizer, and writes a model card (naming ``repo_id`` when it will be pushed)."""
     if format not in ("dense", "compact"):
         raise ValueError(f"export format {format!r} is invalid: expected 'dense' or 'compact'")
     out = Path(output)
@@ -157,15 +158,23 @@ def export_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *, f
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except Exception as error:  # noqa: BLE001 - a tokenizer is optional in a checkpoint
             logger.warning("hf_chts export: tokenizer not copied (%s)", error)
-    written = write_checkpoint(model, out, tokenizer=tokenizer, compact=format == "compact")
+    written = write_checkpoint(model, out, tokenizer=tokenizer, compact=format == "compact",
+                               card_kwargs={"repo_id": repo_id} if repo_id else None)
     return written
 
 
 def export_command(args) -> int:
-    """``hf-chts export <checkpoint> <output> --format dense|compact``."""
-    out = export_checkpoint(args.checkpoint, args.output, format=args.format)
+    """``hf-chts export <checkpoint> <output> --format dense|compact [--push-to-hub REPO [--private]]``."""
+    repo_id = getattr(args, "push_to_hub", None)
+    out = export_checkpoint(args.checkpoint, args.output, format=args.format, repo_id=repo_id)
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     print(f"wrote {args.format} checkpoint to {out}")
     for name, size in sizes.items():
         print(f"  {name:<40} {_human_size(size):>10}")
+    if repo_id:  # docs/hub.md#3-pushes-carry-the-sparsity-files
+        from ..hub import push_folder
+
+        commit = push_folder(out, repo_id, private=getattr(args, "private", None),
+                             commit_message=f"Upload {args.format} sparse checkpoint (hf-chts export)")
+        print(f"pushed {out} to {getattr(commit, 'commit_url', repo_id)}")
     return 0
