@@ -341,7 +341,18 @@ def eval_command(args) -> int:
     tracker.save_results_aggregated(results=results, samples=None)
     print(results_table(results))
     print(f"results written to {_saved_results_file(tracker)}")
+    _add_results_to_card(args.checkpoint, folder, model, results)
     return 0
+
+
+def _add_results_to_card(checkpoint: str, folder: Path, model: nn.Module, results: dict) -> None:
+    """Rewrite the hf_chts model card of a local checkpoint folder with the evaluation results
+    (docs/hub.md#2-the-model-card); a README hf_chts did not write, or a Hub cache copy, is left alone."""
+    from .model_card import CARD_FILE, card_owner, write_model_card
+
+    if Path(checkpoint).expanduser().is_dir() and card_owner(folder / CARD_FILE) == "hf_chts":
+        write_model_card(folder, model=model, eval_results=finite_metrics(results))
+        print(f"model card updated: {folder / CARD_FILE}")
 
 
 def finite_metrics(results: dict) -> dict[str, dict[str, float]]:

@@ -98,6 +98,8 @@ def test_hf_chts_eval_reports_scores_density_and_anp(workspace, hf_chts_results,
     assert summary["density"] == pytest.approx(report.density) and summary["anp"] == pytest.approx(report.anp)
     assert summary["anp"] < 1.0 and summary["method"] == "chts"
     assert CHOICE in hf_chts_results["configs"] and "versions" in hf_chts_results
+    card = (workspace["root"] / "dense" / "README.md").read_text()  # the hf_chts card now shows the results
+    assert f"| {CHOICE} | acc | {hf_chts_results['results'][CHOICE]['acc,none']:.4f} |" in card
 
     compact = run_hf_chts_eval(workspace, workspace["root"] / "compact", workspace["root"] / "compact.json", (CHOICE,))
     assert compact["results"][CHOICE]["acc,none"] == hf_chts_results["results"][CHOICE]["acc,none"]
