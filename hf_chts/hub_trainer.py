@@ -18,7 +18,6 @@ hf_chts card with the Trainer's draft appended.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,7 +27,6 @@ from torch import nn
 from .checkpointing.format import CONFIG_FILE, SPARSITY_FILE
 from .model_card import CARD_FILE, card_owner, write_model_card
 
-logger = logging.getLogger("hf_chts.checkpoint")
 
 _WRAPPED = "_hf_chts_card_wrapper"
 

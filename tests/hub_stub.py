@@ -10,7 +10,6 @@ Any socket connection attempted meanwhile fails the test.
 
 from __future__ import annotations
 
-import io
 import socket
 from concurrent.futures import Future
 from pathlib import Path
@@ -75,7 +74,7 @@ class FakeHub:
         return set(self.repos.get(repo_id, {}))
 
     def text(self, repo_id: str, path: str) -> str:
-        return io.BytesIO(self.repos[repo_id][path]).read().decode("utf-8")
+        return self.repos[repo_id][path].decode("utf-8")
 
 
 @pytest.fixture

@@ -32,9 +32,9 @@ from torch import nn
 
 from ..io_utils import atomic_path, atomic_write_text
 from ..layers import is_dtensor, sparse_layers
+from ..model_card import CARD_FILE, write_model_card
 from ..state import find_state, unwrap_model
 from ..version import __version__
-from ..model_card import CARD_FILE, write_model_card
 from .compact import compact_split
 from .format import (
     CONFIG_FILE, FORMAT_VERSION, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, STAGING_PREFIX, dump_record_json,
