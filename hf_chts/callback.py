@@ -219,7 +219,8 @@ class CHTssTrainerCallback(TrainerCallback, ExportableState):
             write_sparsity_files(model if model is not None else self.engine.model, folder)
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
-        """Trainer pushes carry the masks, the config and the model card (docs/hub.md#3-pushes-carry-the-sparsity-files)."""
+        """Trainer pushes carry the masks, the config and the model card
+        (docs/hub.md#3-pushes-carry-the-sparsity-files)."""
         from .hub_trainer import keep_sparse_card, prepare_trainer_push
 
         model = model if model is not None else getattr(self.engine, "model", None)

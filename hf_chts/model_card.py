@@ -121,7 +121,8 @@ def build_model_card(folder: str | os.PathLike, *, model: nn.Module | None = Non
     ANP of the last topology update recorded in the engine history is used.
     ``eval_results`` is ``{task: {metric: value}}``; ``repo_id`` names the model in
     the loading snippets (default: the folder name); ``base_model`` (a Hub id) goes into the metadata;
-    ``appendix`` (markdown) ends the card (the Trainer's training details, docs/hub.md#3-pushes-carry-the-sparsity-files).
+    ``appendix`` (markdown) ends the card (the Trainer's training details,
+    docs/hub.md#3-pushes-carry-the-sparsity-files).
     """
     from huggingface_hub import ModelCard, ModelCardData
 

@@ -3,8 +3,9 @@
 Only the calls that would reach the network are replaced: ``HfApi.create_repo``,
 ``create_commit`` (the one call every upload ends in), ``create_branch``,
 ``file_exists``, ``_validate_yaml`` (checked locally with ``ModelCard``) and
-``hf_hub_download``; ``upload_folder`` takes its single-commit path (no xet pre-upload). ``upload_folder``'s own listing and allow/ignore filtering
-run for real, so the stand-in sees exactly the files a real push would send.
+``hf_hub_download``; ``upload_folder`` takes its single-commit path (no xet
+pre-upload). ``upload_folder``'s own listing and allow/ignore filtering run for
+real, so the stand-in sees exactly the files a real push would send.
 Any socket connection attempted meanwhile fails the test.
 """
 

@@ -139,6 +139,16 @@ def test_export_writes_a_card_for_the_new_format(tmp_path, make_tiny_model, caps
     assert meta["library_name"] == "hf_chts" and 'load_sparse("out")' in text
 
 
+def test_write_sparsity_files_writes_the_card_too(tmp_path, make_tiny_model):
+    from hf_chts.checkpointing.saving import write_sparsity_files
+
+    model = sparse_llama(make_tiny_model)
+    type(model).save_pretrained(model, str(tmp_path))  # the class's save (as the FSDP final save does)
+    assert not (tmp_path / "README.md").exists()
+    write_sparsity_files(model, tmp_path)
+    assert card_owner(tmp_path / "README.md") == "hf_chts"
+
+
 def test_build_model_card_needs_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="has no sparsify_config.json"):
         build_model_card(tmp_path)

@@ -315,8 +315,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
 
 
 def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | None:
-    """(Re)write only ``sparsity.safetensors`` and ``sparsify_config.json`` into an existing
-    checkpoint folder (each atomically), e.g. to refresh the engine progress of a Trainer
+    """(Re)write only ``sparsity.safetensors``, ``sparsify_config.json`` and the model card into an
+    existing checkpoint folder (each atomically), e.g. to refresh the engine progress of a Trainer
     checkpoint. The weights in the folder must already be the model's masked weights.
 
     Returns the folder on the main process, ``None`` elsewhere.
@@ -337,6 +337,7 @@ def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | No
         save_file(tensors, str(tmp), metadata=metadata)
     record = _config_record(model, compact=compact, engine_record=_MISSING)
     atomic_write_text(folder / CONFIG_FILE, dump_record_json(record))
+    write_model_card(folder, model=model)  # docs/hub.md#2-the-model-card
     return folder
 
 
