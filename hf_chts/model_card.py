@@ -112,10 +112,13 @@ def _files_section(files: list[str], compact: bool, version: Any) -> str:
             f"specified in `{FORMAT_SPEC}` of the hf_chts package.")
 
 
-def build_model_card(folder: str | os.PathLike, *, model: nn.Module | None = None,
+def build_model_card(folder: str | os.PathLike, *, record: dict | None = None, model: nn.Module | None = None,
                      eval_results: dict[str, dict[str, float]] | None = None, tokens_trained: int | None = None,
                      repo_id: str | None = None, base_model: str | None = None, appendix: str | None = None):
     """The ``huggingface_hub.ModelCard`` of the sparse checkpoint in ``folder`` (not written).
+
+    ``record`` is the checkpoint's ``sparsify_config.json`` record (default: read from
+    ``folder``; a save that writes the card before the record passes it).
 
     ``model`` (the sparsified model that was saved) gives the ANP; without it the
     ANP of the last topology update recorded in the engine history is used.
@@ -127,7 +130,7 @@ def build_model_card(folder: str | os.PathLike, *, model: nn.Module | None = Non
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    record = read_sparsify_config(folder)
+    record = read_sparsify_config(folder) if record is None else record
     if record is None:
         raise ValueError(f"{folder} has no {CONFIG_FILE}: not a sparse checkpoint, no card to build")
     config, summary, engine = record["config"], record.get("summary") or {}, record.get("engine") or {}
@@ -188,7 +191,7 @@ def build_model_card(folder: str | os.PathLike, *, model: nn.Module | None = Non
     evaluation = (_eval_table(eval_results) if eval_results else
                   f"No evaluation results were recorded with this save; `hf-chts eval {name} --tasks ...` "
                   "measures them with lm-eval.")
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted({p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")} | {CONFIG_FILE})
     body = f"""
 # {name}
 

@@ -152,3 +152,13 @@ def test_write_sparsity_files_writes_the_card_too(tmp_path, make_tiny_model):
 def test_build_model_card_needs_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="has no sparsify_config.json"):
         build_model_card(tmp_path)
+
+
+
+def test_card_built_before_the_record_is_written(tmp_path, make_tiny_model):
+    """A save may write the card before sparsify_config.json (e.g. to list it in a manifest): it passes the record."""
+    folder = hf_chts.save_sparse(sparse_llama(make_tiny_model), tmp_path / "ckpt")
+    record = json.loads((folder / "sparsify_config.json").read_text())
+    (folder / "sparsify_config.json").unlink()
+    text = str(build_model_card(folder, record=record))
+    assert "- `sparsify_config.json`:" in text and f"| target density | {record['config']['target_density']:.4f} |" in text

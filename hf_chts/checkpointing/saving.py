@@ -234,7 +234,7 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
         record = _config_record(model, compact=compact, engine_record=engine_record)
         (staging / CONFIG_FILE).write_text(dump_record_json(record), encoding="utf-8")
         # the model card (docs/hub.md#2-the-model-card); a README.md in target hf_chts did not write is kept
-        write_model_card(staging, model=model, existing_card=target / CARD_FILE,
+        write_model_card(staging, record=record, model=model, existing_card=target / CARD_FILE,
                          **{"repo_id": target.resolve().name, **(card_kwargs or {})})
         _commit_staged(staging, target)
     return target
