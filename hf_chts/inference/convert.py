@@ -58,8 +58,8 @@ def inference_layer(layer: SparseLayerMixin, kernel: str, *, auto_tokens=DEFAULT
                     cache: dict | None = None) -> SparseInferenceLinear:
     """The inference module for one masked layer (its dense weight is left untouched here)."""
     name = layer.hf_chts_name
-    with torch.no_grad():
-        layer.apply_mask_()  # masked means exactly 0, also in the dense kernel
+    with torch.no_grad():  # masked means exactly 0 in the dense kernel too (NaN/inf included, so no multiply)
+        layer.weight.masked_fill_(~layer.storage_mask(), 0)
     weight, mask, bias = layer.weight.detach(), layer.mask, layer.bias
     density = float(mask.sum()) / max(mask.numel(), 1)
 
