@@ -18,6 +18,7 @@ Pure helpers on tensors:
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -118,17 +119,22 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_forward(modules: dict[str, torch.nn.Module], x: torch.Tensor, *, rounds: int = 5,
-                 min_round_seconds: float = 0.002) -> dict[str, float]:
-    """Best seconds per call of each module on ``x``, measured interleaved (round-robin) to share the noise."""
+def time_forward(modules: dict[str, torch.nn.Module], x: torch.Tensor, *, rounds: int = 9,
+                 min_round_seconds: float = 0.004) -> dict[str, list[float]]:
+    """Seconds per call of each module on ``x`` in each of ``rounds`` rounds.
+
+    Within a round the modules run back to back (round-robin), so a ratio of
+    two modules' times taken round by round shares the machine's momentary load.
+    """
     calls = {}
     for name, module in modules.items():
-        module(x)  # warm up (MKL handles, caches)
+        for _ in range(3):  # warm up (MKL handles, caches, first-touch of the output)
+            module(x)
         start = time.perf_counter()
         module(x)
         once = max(time.perf_counter() - start, 1e-7)
-        calls[name] = max(1, min(200, int(min_round_seconds / once)))
-    best = {name: float("inf") for name in modules}
+        calls[name] = max(1, min(500, int(min_round_seconds / once)))
+    seconds = {name: [] for name in modules}
     for _ in range(rounds):
         for name, module in modules.items():
             _synchronize(x.device)
@@ -136,18 +142,22 @@ def time_forward(modules: dict[str, torch.nn.Module], x: torch.Tensor, *, rounds
             for _ in range(calls[name]):
                 module(x)
             _synchronize(x.device)
-            best[name] = min(best[name], (time.perf_counter() - start) / calls[name])
-    return best
+            seconds[name].append((time.perf_counter() - start) / calls[name])
+    return seconds
 
 
 def choose_by_timing(dense: torch.nn.Module, csr: torch.nn.Module, in_features: int, *, tokens=DEFAULT_AUTO_TOKENS,
                      dtype: torch.dtype, device: torch.device, margin: float = AUTO_MARGIN) -> KernelChoice:
-    """Time both forwards at each token count; CSR only if it is ``margin`` faster at every one of them."""
+    """Time both forwards at each token count; CSR only if it is ``margin`` faster at every one of them.
+
+    The ratio at a token count is the median over rounds of csr time / dense
+    time measured back to back in the same round.
+    """
     generator = torch.Generator().manual_seed(0)
     ratios = {}
     for count in tokens:
         x = torch.randn(int(count), in_features, generator=generator).to(device=device, dtype=dtype)
         seconds = time_forward({"dense": dense, "csr": csr}, x)
-        ratios[int(count)] = seconds["csr"] / seconds["dense"]
+        ratios[int(count)] = statistics.median(c / d for c, d in zip(seconds["csr"], seconds["dense"]))
     kernel = "csr" if all(ratio <= 1.0 - margin for ratio in ratios.values()) else "dense"
     return KernelChoice(kernel, "auto", ratios)
