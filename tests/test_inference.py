@@ -9,8 +9,9 @@ import hf_chts
 from hf_chts import SparsifyConfig, sparsify
 from hf_chts.architectures import ARCHITECTURES
 from hf_chts.inference import InferenceOnlyError, SparseInferenceLinear, inference_report, to_sparse_inference
-from hf_chts.inference import kernels
-from hf_chts.inference.kernels import KernelChoice, choose_by_timing, csr_from_mask, csr_matmul, csr_supported, make_csr
+from hf_chts.inference import autotune
+from hf_chts.inference.autotune import KernelChoice, choose_by_timing
+from hf_chts.inference.kernels import csr_from_mask, csr_matmul, csr_supported, make_csr
 from hf_chts.layers import sparse_layers
 
 from conftest import tiny_model
@@ -136,16 +137,21 @@ def test_auto_picks_csr_only_when_faster_at_every_token_count(monkeypatch):
         dense, csr = timings[x.shape[0]]["dense"], timings[x.shape[0]]["csr"]
         return {"dense": [dense, dense, 0.4 * dense], "csr": [csr, csr, 9 * csr]}
 
-    monkeypatch.setattr(kernels, "time_forward", fake_time_forward)
+    monkeypatch.setattr(autotune, "time_forward", fake_time_forward)
+    mask = torch.rand(6, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    weight = torch.randn(6, 4) * mask
+    dense = SparseInferenceLinear.from_dense_weight(weight, None, transposed=False, density=0.5,
+                                                    choice=KernelChoice("dense", "auto"))
+    csr = SparseInferenceLinear.from_live_values(mask, weight[mask], None, choice=KernelChoice("csr", "auto"))
     args = dict(in_features=4, dtype=torch.float32, device=torch.device("cpu"))
-    choice = choose_by_timing(None, None, tokens=(1, 128), **args)
+    choice = choose_by_timing(dense, csr, tokens=(1, 128), **args)
     assert choice.kernel == "dense" and choice.csr_over_dense == {1: 0.5, 128: 0.98}  # 2 % faster is not enough
     timings[128]["csr"] = 0.9
-    assert choose_by_timing(None, None, tokens=(1, 128), **args).kernel == "csr"
-    assert choose_by_timing(None, None, tokens=(1,), **args).kernel == "csr"  # one lucky dense round ignored
+    assert choose_by_timing(dense, csr, tokens=(1, 128), **args).kernel == "csr"
+    assert choose_by_timing(dense, csr, tokens=(1,), **args).kernel == "csr"  # one lucky dense round ignored
     timings[1]["csr"] = 1.2
-    assert choose_by_timing(None, None, tokens=(1, 128), **args).kernel == "dense"
-    assert "1 tok 1.20" in choose_by_timing(None, None, tokens=(1, 128), **args).describe()
+    assert choose_by_timing(dense, csr, tokens=(1, 128), **args).kernel == "dense"
+    assert "1 tok 1.20" in choose_by_timing(dense, csr, tokens=(1, 128), **args).describe()
 
 
 def test_auto_uses_the_measurement_per_layer(monkeypatch):
@@ -246,3 +252,19 @@ def test_masked_positions_count_as_zero_even_if_nan(kernel):
     to_sparse_inference(model, kernel=kernel)
     ids = torch.randint(0, 128, (2, 6))
     assert (logits(model, ids) - logits(reference, ids)).abs().max() <= 1e-4
+
+
+def test_replicas_are_independent_copies_with_the_same_output():
+    model = to_sparse_inference(sparse_tiny("gpt2"), kernel="dense")
+    for kernel in ("dense", "csr"):
+        layer = model.transformer.h[0].attn.c_attn
+        if kernel == "csr":
+            layer = to_sparse_inference(sparse_tiny("gpt2"), kernel="csr").transformer.h[0].attn.c_attn
+        copy_ = layer.replica()
+        storage = "csr_values" if kernel == "csr" else "weight"
+        assert getattr(copy_, storage).data_ptr() != getattr(layer, storage).data_ptr()
+        x = torch.randn(3, layer.in_features)
+        with torch.no_grad():
+            assert torch.equal(copy_(x), layer(x))
+    assert autotune.replica_count(64 * 2**20) == 2 and autotune.replica_count(1) == autotune.MAX_REPLICAS
+    assert autotune.replica_count(8 * 2**20) == 8

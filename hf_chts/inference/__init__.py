@@ -6,7 +6,8 @@ Public API::
 """
 
 from .convert import InferenceInfo, inference_layers, inference_report, to_sparse_inference
-from .kernels import DEFAULT_AUTO_TOKENS, KernelChoice, csr_supported
+from .autotune import DEFAULT_AUTO_TOKENS, KernelChoice
+from .kernels import csr_supported
 from .linear import InferenceOnlyError, SparseInferenceLinear
 
 __all__ = ["to_sparse_inference", "inference_report", "inference_layers", "InferenceInfo", "InferenceOnlyError",

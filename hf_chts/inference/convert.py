@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..layers import SparseLayerMixin
-from .kernels import DEFAULT_AUTO_TOKENS, KernelChoice, choose_by_timing, csr_supported
+from .autotune import DEFAULT_AUTO_TOKENS, KernelChoice, choose_by_timing
+from .kernels import csr_supported
 from .linear import TRAINING_HINT, InferenceOnlyError, SparseInferenceLinear
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Sparse storage and the per-layer kernel choice for inference (see docs/inference.md).
+"""Sparse storage and the CSR forward for inference (see docs/inference.md).
 
 Pure helpers on tensors:
 
@@ -12,23 +12,15 @@ Pure helpers on tensors:
   with one column), ``torch.sparse.mm`` for more.
 * :func:`csr_supported` probes once per (device, dtype) whether torch has a
   CSR kernel there (torch 2.x on CPU: float32/float64 only).
-* :func:`time_forward` / :func:`KernelChoice` back the ``"auto"`` kernel: it times the
-  dense and the CSR forward of a layer side by side at a few token counts.
+
+The ``"auto"`` choice that uses them lives in :mod:`hf_chts.inference.autotune`.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
-
-#: token counts "auto" measures by default: one decoding step and a prefill of a short prompt
-DEFAULT_AUTO_TOKENS = (1, 128)
-#: "auto" picks CSR only when it is at least this much faster than dense at every measured token count
-AUTO_MARGIN = 0.03
 
 _INT32_MAX = 2**31 - 1
 _SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
@@ -95,69 +87,3 @@ def csr_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
         except (RuntimeError, NotImplementedError):
             _SUPPORT[key] = False
     return _SUPPORT[key]
-
-
-# ------------------------------------------------------------------ auto choice
-@dataclass
-class KernelChoice:
-    """Which kernel a layer uses and why (shown in the module's repr)."""
-
-    kernel: str  # "csr" | "dense"
-    how: str  # "requested" | "auto" | "auto: csr unsupported for <dtype> on <device>"
-    csr_over_dense: dict[int, float] = field(default_factory=dict)  # measured time ratio per token count
-
-    def describe(self) -> str:
-        if not self.csr_over_dense:
-            return self.how
-        ratios = ", ".join(f"{tokens} tok {ratio:.2f}" for tokens, ratio in sorted(self.csr_over_dense.items()))
-        return f"{self.how} (csr/dense time: {ratios})"
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def time_forward(modules: dict[str, torch.nn.Module], x: torch.Tensor, *, rounds: int = 9,
-                 min_round_seconds: float = 0.004) -> dict[str, list[float]]:
-    """Seconds per call of each module on ``x`` in each of ``rounds`` rounds.
-
-    Within a round the modules run back to back (round-robin), so a ratio of
-    two modules' times taken round by round shares the machine's momentary load.
-    """
-    calls = {}
-    for name, module in modules.items():
-        for _ in range(3):  # warm up (MKL handles, caches, first-touch of the output)
-            module(x)
-        start = time.perf_counter()
-        module(x)
-        once = max(time.perf_counter() - start, 1e-7)
-        calls[name] = max(1, min(500, int(min_round_seconds / once)))
-    seconds = {name: [] for name in modules}
-    for _ in range(rounds):
-        for name, module in modules.items():
-            _synchronize(x.device)
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                module(x)
-            _synchronize(x.device)
-            seconds[name].append((time.perf_counter() - start) / calls[name])
-    return seconds
-
-
-def choose_by_timing(dense: torch.nn.Module, csr: torch.nn.Module, in_features: int, *, tokens=DEFAULT_AUTO_TOKENS,
-                     dtype: torch.dtype, device: torch.device, margin: float = AUTO_MARGIN) -> KernelChoice:
-    """Time both forwards at each token count; CSR only if it is ``margin`` faster at every one of them.
-
-    The ratio at a token count is the median over rounds of csr time / dense
-    time measured back to back in the same round.
-    """
-    generator = torch.Generator().manual_seed(0)
-    ratios = {}
-    for count in tokens:
-        x = torch.randn(int(count), in_features, generator=generator).to(device=device, dtype=dtype)
-        seconds = time_forward({"dense": dense, "csr": csr}, x)
-        ratios[int(count)] = statistics.median(c / d for c, d in zip(seconds["csr"], seconds["dense"]))
-    kernel = "csr" if all(ratio <= 1.0 - margin for ratio in ratios.values()) else "dense"
-    return KernelChoice(kernel, "auto", ratios)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import KernelChoice, csr_from_mask, csr_matmul, make_csr
+from .autotune import KernelChoice
+from .kernels import csr_from_mask, csr_matmul, make_csr
 
 
 class InferenceOnlyError(RuntimeError):
@@ -60,14 +61,30 @@ class SparseInferenceLinear(nn.Module):
     def from_live_values(cls, mask: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, *,
                          choice: KernelChoice, name: str = "") -> "SparseInferenceLinear":
         """A CSR layer from its logical bool ``mask`` (``out x in``) and live values in row-major mask order."""
-        out_features, in_features = mask.shape
         crow, col, live = csr_from_mask(mask, values)
-        module = cls(in_features, out_features, kernel="csr", density=live.numel() / max(mask.numel(), 1),
+        return cls.from_csr_arrays(crow, col, live, tuple(mask.shape), bias, choice=choice, name=name)
+
+    @classmethod
+    def from_csr_arrays(cls, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                        bias: torch.Tensor | None, *, choice: KernelChoice, name: str = "") -> "SparseInferenceLinear":
+        """A CSR layer over existing CSR arrays of the logical ``out x in`` weight (no copy)."""
+        out_features, in_features = shape
+        module = cls(in_features, out_features, kernel="csr", density=values.numel() / max(out_features * in_features, 1),
                      choice=choice, bias=bias, name=name)
-        module.register_buffer("csr_values", live)
+        module.register_buffer("csr_values", values)
         module.register_buffer("csr_crow_indices", crow)
         module.register_buffer("csr_col_indices", col)
         return module
+
+    def replica(self) -> "SparseInferenceLinear":
+        """An independent copy (cloned storage), e.g. to time the kernel with cold caches."""
+        bias = None if self.bias is None else self.bias.detach().clone()
+        if self.kernel == "csr":
+            return self.from_csr_arrays(self.csr_crow_indices.clone(), self.csr_col_indices.clone(),
+                                        self.csr_values.clone(), (self.out_features, self.in_features), bias,
+                                        choice=self.choice, name=self.hf_chts_name)
+        return self.from_dense_weight(self.weight.detach().clone(), bias, transposed=self.transposed,
+                                      density=self.density, choice=self.choice, name=self.hf_chts_name)
 
     @classmethod
     def from_dense_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, transposed: bool, density: float,
