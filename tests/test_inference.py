@@ -268,3 +268,16 @@ def test_replicas_are_independent_copies_with_the_same_output():
             assert torch.equal(copy_(x), layer(x))
     assert autotune.replica_count(64 * 2**20) == 2 and autotune.replica_count(1) == autotune.MAX_REPLICAS
     assert autotune.replica_count(8 * 2**20) == 8
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_densified_twin_of_a_csr_layer(transposed):
+    mask = torch.rand(7, 5, generator=torch.Generator().manual_seed(4)) < 0.4
+    weight = torch.randn(7, 5) * mask
+    csr = SparseInferenceLinear.from_live_values(mask, weight[mask], torch.randn(7), choice=KernelChoice("csr", "x"))
+    dense = csr.densified(KernelChoice("dense", "y"), transposed=transposed)
+    assert dense.kernel == "dense" and dense.transposed == transposed
+    assert torch.equal(dense.weight, weight.t() if transposed else weight)
+    x = torch.randn(2, 3, 5)
+    with torch.no_grad():
+        assert torch.allclose(dense(x), csr(x), atol=1e-6)

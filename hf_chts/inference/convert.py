@@ -55,6 +55,43 @@ def check_kernel_options(kernel: str, auto_tokens) -> tuple[int, ...]:
     return tokens
 
 
+def select_kernel(kernel: str, *, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
+                  density: float, make_csr, make_dense, transposed: bool = False, has_bias: bool = False,
+                  auto_tokens=DEFAULT_AUTO_TOKENS, cache: dict | None = None) -> SparseInferenceLinear:
+    """Build the inference module of one layer with the requested kernel (``"auto"``: the faster one).
+
+    ``make_csr(choice)`` / ``make_dense(choice)`` build the two candidates.
+    ``cache`` maps a layer kind (shape, layout, dtype, device, density to
+    0.5 %, bias, token counts, threads) to an earlier measurement, so a model's
+    many identical layers are timed once.
+    """
+    if kernel == "dense":
+        return make_dense(KernelChoice("dense", "requested"))
+    supported = csr_supported(device, dtype)
+    if kernel == "csr":
+        if not supported:
+            raise ValueError(
+                f"layer {name!r}: torch has no CSR matmul for {dtype} on {device}; convert the model to float32 "
+                "first (model.float(), or dtype=torch.float32 when loading) or use kernel='auto' (keeps such layers "
+                "dense) or 'dense'"
+            )
+        return make_csr(KernelChoice("csr", "requested"))
+    if not supported:
+        return make_dense(KernelChoice("dense", f"auto: no CSR kernel for {dtype} on {device}"))
+    key = (*shape, transposed, dtype, str(device), round(density * 200), has_bias, tuple(auto_tokens),
+           torch.get_num_threads())
+    cache = {} if cache is None else cache
+    if key not in cache:
+        sparse_module, dense_module = make_csr(KernelChoice("csr", "auto")), make_dense(KernelChoice("dense", "auto"))
+        cache[key] = choose_by_timing(dense_module, sparse_module, shape[1], tokens=auto_tokens, dtype=dtype,
+                                      device=device)
+        chosen = sparse_module if cache[key].kernel == "csr" else dense_module
+    else:
+        chosen = (make_csr if cache[key].kernel == "csr" else make_dense)(cache[key])
+    chosen.choice = cache[key]
+    return chosen
+
+
 def inference_layer(layer: SparseLayerMixin, kernel: str, *, auto_tokens=DEFAULT_AUTO_TOKENS,
                     cache: dict | None = None) -> SparseInferenceLinear:
     """The inference module for one masked layer (its dense weight is left untouched here)."""
@@ -64,39 +101,17 @@ def inference_layer(layer: SparseLayerMixin, kernel: str, *, auto_tokens=DEFAULT
     weight, mask, bias = layer.weight.detach(), layer.mask, layer.bias
     density = float(mask.sum()) / max(mask.numel(), 1)
 
-    def dense(choice: KernelChoice) -> SparseInferenceLinear:
+    def make_dense(choice: KernelChoice) -> SparseInferenceLinear:
         return SparseInferenceLinear.from_dense_weight(weight, bias, transposed=layer.transposed, density=density,
                                                        choice=choice, name=name)
 
-    def csr(choice: KernelChoice) -> SparseInferenceLinear:
-        logical = weight.t() if layer.transposed else weight
-        return SparseInferenceLinear.from_live_values(mask, logical[mask.to(weight.device)], bias, choice=choice,
-                                                      name=name)
+    def make_csr(choice: KernelChoice) -> SparseInferenceLinear:
+        live = layer.logical_weight().detach()[mask.to(weight.device)]
+        return SparseInferenceLinear.from_live_values(mask, live, bias, choice=choice, name=name)
 
-    if kernel == "dense":
-        return dense(KernelChoice("dense", "requested"))
-    supported = csr_supported(weight.device, weight.dtype)
-    if kernel == "csr":
-        if not supported:
-            raise ValueError(
-                f"layer {name!r}: torch has no CSR matmul for {weight.dtype} on {weight.device}; convert the model "
-                "to float32 first (model.float()) or use kernel='auto' (keeps such layers dense) or 'dense'"
-            )
-        return csr(KernelChoice("csr", "requested"))
-    if not supported:
-        return dense(KernelChoice("dense", f"auto: no CSR kernel for {weight.dtype} on {weight.device}"))
-    sparse_module, dense_module = csr(KernelChoice("csr", "auto")), dense(KernelChoice("dense", "auto"))
-    out_features, in_features = layer.logical_shape
-    key = (out_features, in_features, layer.transposed, weight.dtype, str(weight.device), round(density * 200),
-           bias is not None, tuple(auto_tokens), torch.get_num_threads())
-    cache = {} if cache is None else cache
-    if key not in cache:
-        cache[key] = choose_by_timing(dense_module, sparse_module, in_features, tokens=auto_tokens,
-                                      dtype=weight.dtype, device=weight.device)
-    choice = cache[key]
-    chosen = sparse_module if choice.kernel == "csr" else dense_module
-    chosen.choice = choice
-    return chosen
+    return select_kernel(kernel, name=name, shape=tuple(layer.logical_shape), dtype=weight.dtype, device=weight.device,
+                         density=density, make_csr=make_csr, make_dense=make_dense, transposed=layer.transposed,
+                         has_bias=bias is not None, auto_tokens=auto_tokens, cache=cache)
 
 
 def _release_dense_weight(layer: SparseLayerMixin, replacement: SparseInferenceLinear) -> None:

@@ -96,6 +96,13 @@ class SparseInferenceLinear(nn.Module):
         module.weight = nn.Parameter(weight.detach(), requires_grad=False)
         return module
 
+    def densified(self, choice: KernelChoice, *, transposed: bool = False) -> "SparseInferenceLinear":
+        """The dense-kernel twin of a CSR layer (storage ``in x out`` when ``transposed``, as Conv1D)."""
+        logical = self.csr_weight().to_dense()
+        weight = logical.t().contiguous() if transposed else logical
+        return self.from_dense_weight(weight, self.bias, transposed=transposed, density=self.density, choice=choice,
+                                      name=self.hf_chts_name)
+
     # ------------------------------------------------------------ forward
     def csr_weight(self) -> torch.Tensor:
         """The torch CSR tensor of the logical weight (cached until the buffers change)."""
