@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import hf_chts
-from hf_chts import SparsifyConfig, sparsify
+from hf_chts import SparsifyConfig, sparsify, sparsity_report
 from hf_chts.architectures import ARCHITECTURES
-from hf_chts.inference import InferenceOnlyError, SparseInferenceLinear, inference_report, to_sparse_inference
+from hf_chts.inference import InferenceOnlyError, SparseInferenceLinear, inference_info, inference_report, to_sparse_inference
 from hf_chts.inference import autotune
 from hf_chts.inference.autotune import KernelChoice, choose_by_timing
 from hf_chts.inference.kernels import csr_from_mask, csr_matmul, csr_supported, make_csr
@@ -105,8 +105,12 @@ def test_csr_stores_only_live_weights_and_frees_the_dense_weight():
     assert report["weight_bytes"] == sum(row["weight_bytes"] for row in report["layers"])
     assert set(report["kernels_by_role"]) == {"c_attn", "c_proj", "c_fc"}
     assert report["weight_ratio"] < 0.25  # 10 % density, fp32 values + int32 indices
-    assert model.hf_chts_inference.density == pytest.approx(sum(live.values()) / sum(
+    info = inference_info(model)
+    assert info.density == pytest.approx(sum(live.values()) / sum(
         m.mask.numel() for m in sparse_layers(reference).values()))
+    expected = sparsity_report(reference)
+    assert info.anp == pytest.approx(expected.anp) and info.live_links == expected.live_links
+    assert info.summary()["method"] == "chts" and info.summary()["csr_layers"] == len(live)
 
 
 def test_csr_from_mask_matches_torch_csr():

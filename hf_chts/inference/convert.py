@@ -28,10 +28,10 @@ INFO_ATTR = "hf_chts_inference"
 
 @dataclass
 class InferenceInfo:
-    """What :func:`to_sparse_inference` attaches to the model (``model.hf_chts_inference``).
+    """What the conversion attaches to the model (``model.hf_chts_inference``).
 
-    ``live_links`` / ``total_links`` count the sparsified layers' weights, so the
-    density stays known after the masks are gone.
+    The sparsified layers' link counts, ANP and sparsify settings stay known
+    after the masks are gone (``hf-chts eval --inference`` reports them).
     """
 
     kernel: str
@@ -39,10 +39,39 @@ class InferenceInfo:
     live_links: int = 0
     total_links: int = 0
     kernels: dict[str, str] = field(default_factory=dict)  # layer name -> "csr" | "dense"
+    anp: float | None = None
+    method: str | None = None
+    target_density: float | None = None
 
     @property
     def density(self) -> float:
         return self.live_links / self.total_links if self.total_links else 1.0
+
+    def add_layer(self, name: str, kernel: str, mask: torch.Tensor) -> None:
+        self.kernels[name] = kernel
+        self.live_links += int(mask.sum())
+        self.total_links += mask.numel()
+
+    def set_sparsity(self, config, masks: dict[str, torch.Tensor], topology) -> None:
+        """Record the method, target density and ANP (from the masks by layer name and the model topology)."""
+        from ..topology.percolation import active_neurons
+
+        self.method, self.target_density = config.method, config.target_density
+        if topology is not None and masks:
+            active, total = active_neurons(masks, topology)
+            self.anp = sum(active.values()) / sum(total.values()) if sum(total.values()) else 1.0
+
+    def summary(self) -> dict:
+        """The fields of ``evaluation.sparsity_summary`` for this model."""
+        return {"density": self.density, "anp": self.anp, "method": self.method,
+                "target_density": self.target_density, "live_links": self.live_links,
+                "total_links": self.total_links, "sparse": True, "inference_kernel": self.kernel,
+                "csr_layers": list(self.kernels.values()).count("csr"), "layers": len(self.kernels)}
+
+
+def inference_info(model: nn.Module) -> InferenceInfo | None:
+    """The :class:`InferenceInfo` of a converted model, ``None`` for any other model."""
+    return model.__dict__.get(INFO_ATTR)
 
 
 def check_kernel_options(kernel: str, auto_tokens) -> tuple[int, ...]:
@@ -162,22 +191,32 @@ def to_sparse_inference(model: nn.Module, kernel: str = "auto", *, auto_tokens=D
         if inference_layers(model):
             raise ValueError("this model is already converted by to_sparse_inference()")
         raise ValueError("this model has no sparsified layer; call hf_chts.sparsify() or hf_chts.load_sparse() first")
-    model.eval()
-    model.requires_grad_(False)
+    from ..model import find_state
+
+    state = find_state(model)
     info = InferenceInfo(kernel, tokens)
+    if state is not None:
+        info.set_sparsity(state.config, {layer.hf_chts_name: layer.mask for _, layer in targets}, state.topology)
+    model.eval()
     cache: dict = {}
     for path, layer in targets:
         replacement = inference_layer(layer, kernel, auto_tokens=tokens, cache=cache)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, replacement)
         _release_dense_weight(layer, replacement)
-        info.live_links += int(layer.mask.sum())
-        info.total_links += layer.mask.numel()
-        info.kernels[layer.hf_chts_name] = replacement.kernel
+        info.add_layer(layer.hf_chts_name, replacement.kernel, layer.mask)
+    return finish_inference_model(model, info)
+
+
+def finish_inference_model(model: nn.Module, info: InferenceInfo) -> nn.Module:
+    """Eval mode, frozen parameters, ``info`` attached, ``save_pretrained`` refused; returns ``model``."""
+    model.eval()
+    model.requires_grad_(False)
     model.__dict__[INFO_ATTR] = info
     model.save_pretrained = _refuse_save_pretrained
-    logger.info("hf_chts: %d sparse layers converted for inference (%s)", len(targets),
-                ", ".join(f"{k}: {list(info.kernels.values()).count(k)}" for k in ("csr", "dense")))
+    counts = list(info.kernels.values())
+    logger.info("hf_chts: %d sparse layers ready for inference (csr: %d, dense: %d)", len(counts),
+                counts.count("csr"), counts.count("dense"))
     return model
 
 
@@ -206,4 +245,5 @@ def inference_report(model: nn.Module) -> dict:
 
 
 __all__ = ["to_sparse_inference", "inference_layer", "inference_layers", "inference_report", "InferenceInfo",
+           "inference_info", "select_kernel", "finish_inference_model", "check_kernel_options",
            "InferenceOnlyError", "KERNELS", "TRAINING_HINT"]
