@@ -191,7 +191,7 @@ def to_sparse_inference(model: nn.Module, kernel: str = "auto", *, auto_tokens=D
         if inference_layers(model):
             raise ValueError("this model is already converted by to_sparse_inference()")
         raise ValueError("this model has no sparsified layer; call hf_chts.sparsify() or hf_chts.load_sparse() first")
-    from ..model import find_state
+    from ..state import find_state
 
     state = find_state(model)
     info = InferenceInfo(kernel, tokens)

@@ -18,8 +18,6 @@ import torch
 from torch import nn
 
 from ..checkpointing.compact import read_compact_values
-from ..checkpointing.format import SPARSITY_FILE
-from ..checkpointing.matching import validate_masks
 from ..architectures import build_topology
 from ..config import SparsifyConfig
 from ..layers import sparse_class_for
@@ -81,10 +79,25 @@ def _resolve_dtype(dtype):
     return dtype
 
 
-def _empty_model(folder: Path) -> nn.Module:
+def check_inference_options(kernel: str, auto_tokens, dtype, from_pretrained_kwargs: dict):
+    """Validate the options of ``load_sparse(..., inference=True)``; return ``(token counts, dtype or None)``."""
+    tokens = check_kernel_options(kernel, auto_tokens)
+    kwargs = dict(from_pretrained_kwargs)
+    dtype = _resolve_dtype(kwargs.pop("torch_dtype", dtype))
+    if kwargs:
+        raise ValueError(
+            f"load_sparse(..., inference=True) supports dtype=, kernel= and auto_tokens= only; got {sorted(kwargs)} "
+            "(move the model afterwards with model.to(device))"
+        )
+    return tokens, dtype
+
+
+def empty_model(folder: Path) -> nn.Module:
+    """The checkpoint's model class built from its config with every parameter on the ``meta`` device."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    weight_files(folder)  # fail early, before building anything, on a folder without safetensors
     config = AutoConfig.from_pretrained(str(folder))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
@@ -93,27 +106,19 @@ def _empty_model(folder: Path) -> nn.Module:
     return model
 
 
-def load_inference_model(folder: Path, config: SparsifyConfig, masks: dict[str, torch.Tensor], *, compact: bool,
-                         kernel: str = "auto", auto_tokens=DEFAULT_AUTO_TOKENS, dtype=None,
-                         **from_pretrained_kwargs) -> nn.Module:
-    """The inference-only model of a checkpoint folder whose masks and SparsifyConfig are already read.
+def build_inference_model(folder: Path, model: nn.Module, config: SparsifyConfig, masks: dict[str, torch.Tensor],
+                          by_name: dict[str, torch.Tensor], *, compact: bool, kernel: str = "auto",
+                          auto_tokens=DEFAULT_AUTO_TOKENS, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fill the :func:`empty_model` ``model`` from ``folder`` with CSR / dense inference layers.
 
-    ``masks`` are keyed by weight key; ``dtype`` (``None``/``"auto"``: as
-    stored) applies to every floating tensor. Other ``from_pretrained``
-    options are not supported on this path (move the model with ``.to()``).
+    ``masks`` are keyed by weight key, ``by_name`` by module name (the same
+    masks, already validated against ``model``); ``dtype`` (``None``: as
+    stored) applies to every floating tensor.
     """
     from safetensors import safe_open
 
     tokens = check_kernel_options(kernel, auto_tokens)
-    dtype = _resolve_dtype(from_pretrained_kwargs.pop("torch_dtype", dtype))
-    if from_pretrained_kwargs:
-        raise ValueError(
-            f"load_sparse(..., inference=True) supports dtype=, kernel= and auto_tokens= only; got "
-            f"{sorted(from_pretrained_kwargs)} (move the model afterwards with model.to(device))"
-        )
     files = weight_files(folder)
-    model = _empty_model(folder)
-    by_name = validate_masks(folder / SPARSITY_FILE, model, config, masks)
     keys = {f"{name}.weight": name for name in by_name}
     values, state = {}, {}
     for file in files:
@@ -151,16 +156,15 @@ def load_inference_model(folder: Path, config: SparsifyConfig, masks: dict[str, 
         transposed = sparse_class_for(type(module)).transposed
         bias = getattr(module, "bias", None)
         live = values[key]
-        built: dict[str, SparseInferenceLinear] = {}
+        csr = SparseInferenceLinear.from_live_values(mask, live, bias, choice=KernelChoice("csr", "requested"),
+                                                     name=name)
 
-        def make_csr(choice: KernelChoice, _mask=mask, _live=live, _bias=bias, _name=name) -> SparseInferenceLinear:
-            if "csr" not in built:
-                built["csr"] = SparseInferenceLinear.from_live_values(_mask, _live, _bias, choice=choice, name=_name)
-            built["csr"].choice = choice
-            return built["csr"]
+        def make_csr(choice: KernelChoice, _csr=csr) -> SparseInferenceLinear:
+            _csr.choice = choice
+            return _csr
 
-        def make_dense(choice: KernelChoice, _transposed=transposed) -> SparseInferenceLinear:
-            return make_csr(choice).densified(choice, transposed=_transposed)
+        def make_dense(choice: KernelChoice, _csr=csr, _transposed=transposed) -> SparseInferenceLinear:
+            return _csr.densified(choice, transposed=_transposed)
 
         replacement = select_kernel(kernel, name=name, shape=tuple(mask.shape), dtype=live.dtype, device=live.device,
                                     density=float(mask.sum()) / max(mask.numel(), 1), make_csr=make_csr,
