@@ -119,3 +119,27 @@ def test_inference_loading_errors(saved, tmp_path):
     torch.save({}, binary / "pytorch_model.bin")
     with pytest.raises(ValueError, match="safetensors only"):
         load_sparse(binary, inference=True)
+
+
+def test_bench_inference_reports_both_models(saved, monkeypatch, capsys):
+    from hf_chts.cli import main as cli_main
+    from hf_chts.inference import bench_command
+
+    loads = []
+    monkeypatch.setattr(bench_command, "load_peak_bytes",
+                        lambda folder, inference, kernel="auto": loads.append((inference, kernel)) or 1000 + inference)
+    result = bench_command.run_bench_inference(saved["root"] / "compact", kernel="csr", prompt_tokens=8, new_tokens=2,
+                                               decode_batches=(1, 2), rounds=1)
+    sparse, dense = result["models"]["sparse"], result["models"]["dense"]
+    assert sorted(loads) == [(False, "auto"), (True, "csr")]
+    assert set(sparse["decode_tokens_per_s"]) == {"1", "2"} and sparse["prefill_tokens_per_s"] > 0
+    live = sum(int(layer.mask.sum()) for layer in sparse_layers(saved["model"]).values())
+    assert sparse["sparsified_weight_bytes"] < dense["sparsified_weight_bytes"]
+    assert sparse["sparsified_weight_bytes"] >= live * 8  # fp32 values + int32 column indices (+ row pointers)
+    assert result["max_logit_difference"] <= 1e-4 and result["density"] == pytest.approx(0.1, abs=0.01)
+    assert all(counts["csr"] > 0 and counts["dense"] == 0 for counts in result["kernels_by_role"].values())
+    assert cli_main(["bench-inference", str(saved["root"] / "compact"), "--kernel", "csr", "--rounds", "1",
+                     "--prompt-tokens", "8", "--new-tokens", "2", "--decode-batches", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "decode tok/s (batch 1)" in text and "dense twin" in text and "largest |logit difference|" in text
+    assert cli_main(["bench-inference", str(saved["root"] / "compact"), "--decode-batches", "0"]) == 2
