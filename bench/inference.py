@@ -101,6 +101,39 @@ def run(args) -> list[dict]:
     return rows
 
 
+def run_memory(args) -> list[dict]:
+    """Peak resident memory of loading a saved checkpoint: dense twin vs inference model (fresh process each)."""
+    import tempfile
+
+    from hf_chts import save_sparse
+    from hf_chts.inference.bench_command import load_peak_bytes
+
+    shape = QUICK_SHAPE if args.quick else dict(SHAPE, blocks=args.memory_blocks)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hf_chts_bench_inference_") as tmp:
+        for density in args.densities:
+            masked = build_masked_model(shape, density)
+            dense_bytes = sparsified_weight_bytes(masked)
+            folders = {"dense": Path(tmp) / f"dense_{density}", "compact": Path(tmp) / f"compact_{density}"}
+            save_sparse(masked, folders["dense"])
+            save_sparse(masked, folders["compact"], compact=True)
+            del masked
+            loads = [("dense twin (load_sparse)", folders["dense"], False),
+                     ("csr from dense-format file", folders["dense"], True),
+                     ("csr from compact file", folders["compact"], True)]
+            base = None
+            for label, folder, inference in loads:
+                peak = load_peak_bytes(folder, inference=inference, kernel="csr")
+                base = peak if base is None else base
+                rows.append({"density": density, "blocks": shape["blocks"], "load": label,
+                             "peak_load_mb": None if peak is None else peak / 2**20,
+                             "x_dense_twin": None if peak is None or not base else peak / base,
+                             "sparsified_dense_mb": dense_bytes / 2**20})
+                if not args.no_progress:
+                    print(f"memory density {density:.2f} {label}: {rows[-1]['peak_load_mb']} MB", flush=True)
+    return rows
+
+
 def format_table(rows: list[dict], decode_batches) -> str:
     columns = [("threads", "thr"), ("density", "density"), ("variant", "kernel"), ("prefill_tok_s", "prefill tok/s"),
                ("prefill_speedup", "x dense")]
@@ -158,6 +191,9 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds per model (best round reported)")
+    parser.add_argument("--parts", nargs="+", choices=("speed", "memory"), default=["speed", "memory"])
+    parser.add_argument("--memory-blocks", type=int, default=12,
+                        help="decoder blocks of the model whose load peak is measured (12 = all of LLaMA-130M)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -171,18 +207,29 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     threads_before = torch.get_num_threads()
+    rows, memory_rows, figure, texts = [], [], None, []
+    stem = "inference_quick" if args.quick else "inference"
     try:
-        rows = run(args)
+        if "speed" in args.parts:
+            rows = run(args)
+            texts.append(format_table(rows, args.decode_batches))
+            figure = plot(rows, args.decode_batches, args.out / f"{stem}.png")
     finally:
         torch.set_num_threads(threads_before)
-    stem = "inference_quick" if args.quick else "inference"
-    text = format_table(rows, args.decode_batches)
+    if "memory" in args.parts:
+        memory_rows = run_memory(args)
+        texts.append(common.table(
+            [{k: (format(v, ".4g") if isinstance(v, float) else v) for k, v in row.items()} for row in memory_rows],
+            [("density", "density"), ("blocks", "blocks"), ("load", "load"), ("peak_load_mb", "peak RSS rise MB"),
+             ("x_dense_twin", "x dense twin"), ("sparsified_dense_mb", "sparsified weights dense MB")],
+            title="Peak resident memory while loading (fresh process each; csr kernel)"))
+    text = "\n\n".join(texts)
     print(text)
     machine = common.machine_info()
-    common.write_json(args.out / f"{stem}.json", {"machine": machine, "args": vars(args), "rows": rows})
+    common.write_json(args.out / f"{stem}.json",
+                      {"machine": machine, "args": vars(args), "rows": rows, "memory": memory_rows})
     (args.out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
-    figure = plot(rows, args.decode_batches, args.out / f"{stem}.png")
-    return {"rows": rows, "table": text, "plot": figure}
+    return {"rows": rows, "memory": memory_rows, "table": text, "plot": figure}
 
 
 if __name__ == "__main__":
