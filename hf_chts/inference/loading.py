@@ -66,6 +66,19 @@ def live_values_from_slice(tensor_slice, mask: torch.Tensor, transposed: bool) -
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
+def _read_live_values(file: Path, key: str, module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """Live values of one dense-stored weight; the file is mapped for this weight only, so at most one
+    weight's pages of the file are resident at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        tensor_slice = handle.get_slice(key)
+        if list(tensor_slice.get_shape()) != list(module.weight.shape):
+            raise ValueError(f"{file}: tensor {key!r} has shape {tensor_slice.get_shape()}, expected "
+                             f"{list(module.weight.shape)}; the file belongs to another model")
+        return live_values_from_slice(tensor_slice, mask, sparse_class_for(type(module)).transposed)
+
+
 def _resolve_dtype(dtype):
     if dtype is None or dtype == "auto":
         return None
@@ -112,30 +125,29 @@ def build_inference_model(folder: Path, model: nn.Module, config: SparsifyConfig
     """Fill the :func:`empty_model` ``model`` from ``folder`` with CSR / dense inference layers.
 
     ``masks`` are keyed by weight key, ``by_name`` by module name (the same
-    masks, already validated against ``model``); ``dtype`` (``None``: as
-    stored) applies to every floating tensor.
+    masks, already validated against ``model``); both dicts are emptied as
+    the layers are built, so each mask (one byte per weight) is freed once
+    its CSR arrays exist. ``dtype`` (``None``: as stored) applies to every
+    floating tensor.
     """
     from safetensors import safe_open
 
     tokens = check_kernel_options(kernel, auto_tokens)
     files = weight_files(folder)
     keys = {f"{name}.weight": name for name in by_name}
-    values, state = {}, {}
+    values, state, sparse_in_file = {}, {}, []
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                if key not in keys:
-                    state[key] = handle.get_tensor(key)
-                elif not compact:
-                    module = model.get_submodule(keys[key])
-                    transposed = sparse_class_for(type(module)).transposed
-                    expected = list(module.weight.shape)
-                    if list(handle.get_slice(key).get_shape()) != expected:
-                        raise ValueError(f"{file}: tensor {key!r} has shape {handle.get_slice(key).get_shape()}, "
-                                         f"expected {expected}; the file belongs to another model")
-                    values[key] = live_values_from_slice(handle.get_slice(key), by_name[keys[key]], transposed)
+                if key in keys:
+                    sparse_in_file.append((file, key))
+                else:  # a copy: a tensor backed by the file mapping would keep the whole file resident
+                    state[key] = handle.get_tensor(key).clone()
     if compact:
         values = read_compact_values(folder, masks)
+    else:
+        for file, key in sparse_in_file:
+            values[key] = _read_live_values(file, key, model.get_submodule(keys[key]), by_name[keys[key]])
     missing = sorted(set(keys) - set(values))
     if missing:
         raise ValueError(f"{folder}: the weight files lack sparsified weights {missing[:5]}; the checkpoint is incomplete")
@@ -173,6 +185,7 @@ def build_inference_model(folder: Path, model: nn.Module, config: SparsifyConfig
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, replacement)
         info.add_layer(name, replacement.kernel, mask)
+        del values[key], masks[key], by_name[name], mask, live, csr  # free this layer's mask and loaded values
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if on_meta:
         raise ValueError(f"{folder}: the weight files lack tensors {on_meta[:5]}; the checkpoint is incomplete")
