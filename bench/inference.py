@@ -149,6 +149,14 @@ def format_table(rows: list[dict], decode_batches) -> str:
     return common.table(shown, columns)
 
 
+def format_memory_table(rows: list[dict]) -> str:
+    shown = [{k: (format(v, ".4g") if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
+    return common.table(shown, [("density", "density"), ("blocks", "blocks"), ("load", "load"),
+                                ("peak_load_mb", "peak RSS rise MB"), ("x_dense_twin", "x dense twin"),
+                                ("sparsified_dense_mb", "sparsified weights dense MB")],
+                        title="Peak resident memory while loading (fresh process each; csr kernel)")
+
+
 def plot(rows: list[dict], decode_batches, path: Path) -> Path | None:
     try:
         import matplotlib
@@ -170,6 +178,9 @@ def plot(rows: list[dict], decode_batches, path: Path) -> Path | None:
                           label=f"{variant}, {threads} thread{'s' if threads > 1 else ''}")
         axis.axhline(1.0, color="grey", linewidth=1)
         axis.set_xscale("log")
+        densities = sorted({100 * row["density"] for row in rows})
+        axis.set_xticks(densities, [f"{d:g}" for d in densities])
+        axis.minorticks_off()
         axis.set_xlabel("density (%)")
         axis.set_title(title)
     axes[0].set_ylabel("tokens/s vs dense twin")
@@ -209,28 +220,26 @@ def main(argv=None) -> dict:
     threads_before = torch.get_num_threads()
     rows, memory_rows, figure, texts = [], [], None, []
     stem = "inference_quick" if args.quick else "inference"
+    machine = common.machine_info()
     try:
         if "speed" in args.parts:
             rows = run(args)
-            texts.append(format_table(rows, args.decode_batches))
+            text = format_table(rows, args.decode_batches)
+            texts.append(text)
             figure = plot(rows, args.decode_batches, args.out / f"{stem}.png")
+            common.write_json(args.out / f"{stem}.json", {"machine": machine, "args": vars(args), "rows": rows})
+            (args.out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
     finally:
         torch.set_num_threads(threads_before)
     if "memory" in args.parts:
         memory_rows = run_memory(args)
-        texts.append(common.table(
-            [{k: (format(v, ".4g") if isinstance(v, float) else v) for k, v in row.items()} for row in memory_rows],
-            [("density", "density"), ("blocks", "blocks"), ("load", "load"), ("peak_load_mb", "peak RSS rise MB"),
-             ("x_dense_twin", "x dense twin"), ("sparsified_dense_mb", "sparsified weights dense MB")],
-            title="Peak resident memory while loading (fresh process each; csr kernel)"))
-    text = "\n\n".join(texts)
-    print(text)
-    machine = common.machine_info()
-    common.write_json(args.out / f"{stem}.json",
-                      {"machine": machine, "args": vars(args), "rows": rows, "memory": memory_rows})
-    (args.out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
-    return {"rows": rows, "memory": memory_rows, "table": text, "plot": figure}
-
+        text = format_memory_table(memory_rows)
+        texts.append(text)
+        common.write_json(args.out / f"{stem}_memory.json",
+                          {"machine": machine, "args": vars(args), "rows": memory_rows})
+        (args.out / f"{stem}_memory.txt").write_text(text + "\n", encoding="utf-8")
+    print("\n\n".join(texts))
+    return {"rows": rows, "memory": memory_rows, "table": "\n\n".join(texts), "plot": figure}
 
 if __name__ == "__main__":
     main()

@@ -91,4 +91,5 @@ def test_inference_quick(tmp_path):
     assert rows["csr"]["weight_ratio"] < 0.25 and rows["dense"]["weight_ratio"] == 1.0
     memory = {row["load"]: row["peak_load_mb"] for row in result["memory"]}
     assert len(memory) == 3 and all(value is None or value >= 0 for value in memory.values())
-    assert (tmp_path / "inference_quick.png").exists() and (tmp_path / "inference_quick.txt").exists()
+    for name in ("inference_quick.png", "inference_quick.txt", "inference_quick_memory.json"):
+        assert (tmp_path / name).exists(), name
