@@ -7,6 +7,7 @@ Both are loaded from the checkpoint (``load_sparse(path, inference=True)`` and
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,13 +43,21 @@ print(json.dumps({"extra_bytes": peak.extra_bytes}))
 """
 
 
+#: glibc settings for the measuring process: memory freed during the load goes back to the OS at once.
+#: With glibc's adaptive defaults, freed blocks of a few MiB stay in the heap and the high-water mark
+#: measures heap fragmentation (it varied by 100+ MiB between identical loads here), not live data.
+MEASURING_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
 def load_peak_bytes(folder, *, inference: bool, kernel: str = "auto") -> int | None:
     """Rise of resident memory while loading ``folder`` in a fresh Python process (``None`` if not measurable).
 
-    A fresh process keeps memory freed by earlier work from hiding the peak.
+    A fresh process keeps memory freed by earlier work from hiding the peak; it
+    runs with :data:`MEASURING_MALLOC_ENV`.
     """
     command = [sys.executable, "-c", _LOAD_PEAK_SCRIPT, str(folder), "1" if inference else "0", kernel]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600,
+                          env={**os.environ, **MEASURING_MALLOC_ENV})
     if done.returncode != 0:
         raise RuntimeError(f"measuring the load of {folder} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["extra_bytes"]

@@ -18,7 +18,7 @@ from torch import nn
 from ..layers import SparseLayerMixin
 from .autotune import DEFAULT_AUTO_TOKENS, KernelChoice, choose_by_timing
 from .kernels import csr_supported
-from .linear import TRAINING_HINT, InferenceOnlyError, SparseInferenceLinear
+from .linear import InferenceOnlyError, SparseInferenceLinear
 
 logger = logging.getLogger(__name__)
 
@@ -246,4 +246,4 @@ def inference_report(model: nn.Module) -> dict:
 
 __all__ = ["to_sparse_inference", "inference_layer", "inference_layers", "inference_report", "InferenceInfo",
            "inference_info", "select_kernel", "finish_inference_model", "check_kernel_options",
-           "InferenceOnlyError", "KERNELS", "TRAINING_HINT"]
+           "InferenceOnlyError", "KERNELS"]
