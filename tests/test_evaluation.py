@@ -133,12 +133,8 @@ def test_best_device_prefers_a_gpu(monkeypatch):
 
 
 def test_hf_chts_eval_inference_scores_like_the_masked_model(workspace, hf_chts_results):
-    output = workspace["root"] / "inference.json"
-    code = cli_main(["eval", str(workspace["root"] / "compact"), "--tasks", f"{CHOICE},{PERPLEXITY}", "--include-path",
-                     str(workspace["tasks"]), "--output", str(output), "--batch-size", "4", "--limit", LIMIT,
-                     "--inference", "--kernel", "csr"])
-    assert code == 0
-    results = json.loads(output.read_text())
+    results = run_hf_chts_eval(workspace, workspace["root"] / "compact", workspace["root"] / "inference.json",
+                               extra=("--inference", "--kernel", "csr"))
     for task in (CHOICE, PERPLEXITY):
         for metric, value in finite_metrics(hf_chts_results)[task].items():
             assert finite_metrics(results)[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
