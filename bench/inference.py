@@ -92,7 +92,8 @@ def run(args) -> list[dict]:
                        "max_logit_diff": 0.0 if name == "dense" else max_logit_difference(model, masked, check_ids)}
                 for batch in args.decode_batches:
                     row[f"decode_b{batch}_tok_s"] = result.decode_tokens_per_s[batch]
-                    row[f"decode_b{batch}_speedup"] = result.decode_tokens_per_s[batch] / base.decode_tokens_per_s[batch]
+                    speed, dense_speed = result.decode_tokens_per_s[batch], base.decode_tokens_per_s[batch]
+                    row[f"decode_b{batch}_speedup"] = speed / dense_speed
                 rows.append(row)
                 if not args.no_progress:
                     print(f"threads {threads} density {density:.2f} {name:<5} prefill x{row['prefill_speedup']:.2f} "

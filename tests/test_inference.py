@@ -8,7 +8,9 @@ import torch
 import hf_chts
 from hf_chts import SparsifyConfig, sparsify, sparsity_report
 from hf_chts.architectures import ARCHITECTURES
-from hf_chts.inference import InferenceOnlyError, SparseInferenceLinear, inference_info, inference_report, to_sparse_inference
+from hf_chts.inference import (
+    InferenceOnlyError, SparseInferenceLinear, inference_info, inference_report, to_sparse_inference,
+)
 from hf_chts.inference import autotune
 from hf_chts.inference.autotune import KernelChoice, choose_by_timing
 from hf_chts.inference.kernels import csr_from_mask, csr_matmul, csr_supported, make_csr

@@ -10,5 +10,6 @@ from .autotune import DEFAULT_AUTO_TOKENS, KernelChoice
 from .kernels import csr_supported
 from .linear import InferenceOnlyError, SparseInferenceLinear
 
-__all__ = ["to_sparse_inference", "inference_report", "inference_layers", "inference_info", "InferenceInfo", "InferenceOnlyError",
+__all__ = ["to_sparse_inference", "inference_report", "inference_layers", "inference_info", "InferenceInfo",
+           "InferenceOnlyError",
            "SparseInferenceLinear", "KernelChoice", "csr_supported", "DEFAULT_AUTO_TOKENS"]

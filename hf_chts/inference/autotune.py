@@ -48,7 +48,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_forward(replicas: dict[str, list[torch.nn.Module]], x: torch.Tensor, *, rounds: int = 7) -> dict[str, list[float]]:
+def time_forward(replicas: dict[str, list[torch.nn.Module]], x: torch.Tensor, *,
+                 rounds: int = 7) -> dict[str, list[float]]:
     """Seconds per call of each kernel on ``x`` in each round (one call of each of its replicas per round).
 
     Within a round the kernels run back to back, so ratios taken round by round

@@ -80,7 +80,8 @@ def check_kernel_options(kernel: str, auto_tokens) -> tuple[int, ...]:
         raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
     tokens = tuple(auto_tokens)
     if not tokens or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tokens):
-        raise ValueError(f"auto_tokens must be a non-empty sequence of positive ints (token counts), got {auto_tokens!r}")
+        raise ValueError(
+            f"auto_tokens must be a non-empty sequence of positive ints (token counts), got {auto_tokens!r}")
     return tokens
 
 

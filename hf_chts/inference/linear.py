@@ -69,8 +69,8 @@ class SparseInferenceLinear(nn.Module):
                         bias: torch.Tensor | None, *, choice: KernelChoice, name: str = "") -> "SparseInferenceLinear":
         """A CSR layer over existing CSR arrays of the logical ``out x in`` weight (no copy)."""
         out_features, in_features = shape
-        module = cls(in_features, out_features, kernel="csr", density=values.numel() / max(out_features * in_features, 1),
-                     choice=choice, bias=bias, name=name)
+        density = values.numel() / max(out_features * in_features, 1)
+        module = cls(in_features, out_features, kernel="csr", density=density, choice=choice, bias=bias, name=name)
         module.register_buffer("csr_values", values)
         module.register_buffer("csr_crow_indices", crow)
         module.register_buffer("csr_col_indices", col)
@@ -89,7 +89,7 @@ class SparseInferenceLinear(nn.Module):
     @classmethod
     def from_dense_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, transposed: bool, density: float,
                           choice: KernelChoice, name: str = "") -> "SparseInferenceLinear":
-        """A dense layer over ``weight`` in its storage layout (``in x out`` when ``transposed``, as Conv1D); no copy."""
+        """A dense layer over ``weight`` in its storage layout (``in x out`` when ``transposed``: Conv1D); no copy."""
         out_features, in_features = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
         module = cls(in_features, out_features, kernel="dense", density=density, choice=choice, bias=bias, name=name)
         module.transposed = transposed
@@ -142,7 +142,8 @@ class SparseInferenceLinear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of the stored weight (CSR arrays, or the dense weight), bias excluded."""
         if self.kernel == "csr":
-            return sum(t.numel() * t.element_size() for t in (self.csr_values, self.csr_crow_indices, self.csr_col_indices))
+            arrays = (self.csr_values, self.csr_crow_indices, self.csr_col_indices)
+            return sum(t.numel() * t.element_size() for t in arrays)
         return self.weight.numel() * self.weight.element_size()
 
     def dense_weight_bytes(self) -> int:

@@ -150,7 +150,8 @@ def build_inference_model(folder: Path, model: nn.Module, config: SparsifyConfig
             values[key] = _read_live_values(file, key, model.get_submodule(keys[key]), by_name[keys[key]])
     missing = sorted(set(keys) - set(values))
     if missing:
-        raise ValueError(f"{folder}: the weight files lack sparsified weights {missing[:5]}; the checkpoint is incomplete")
+        raise ValueError(
+            f"{folder}: the weight files lack sparsified weights {missing[:5]}; the checkpoint is incomplete")
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         values = {k: v.to(dtype) for k, v in values.items()}
