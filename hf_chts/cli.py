@@ -142,9 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True,
                                        metavar="{train,eval,bench-inference,inspect,export}")
     for add in (_add_train, _add_eval, _add_bench_inference, _add_inspect, _add_export):
-    subparsers = parser.add_subparsers(dest="command", required=True,
-                                       metavar="{train,eval,bench-inference,inspect,export}")
-    for add in (_add_train, _add_eval, _add_bench_inference, _add_inspect, _add_export):
         add(subparsers)
     return parser
 
