@@ -4,9 +4,11 @@ Public API::
 
     from hf_chts import SparsifyConfig, sparsify, CHTssTrainerCallback
     from hf_chts import save_sparse, load_sparse, merge_lora, evaluate_model
+    from hf_chts import to_sparse_inference
 
 Documentation (in the repository): docs/README.md, with the algorithms (docs/algorithms.md),
-the checkpoint format (docs/checkpoint-format.md) and distributed semantics (docs/distributed.md).
+the checkpoint format (docs/checkpoint-format.md), distributed semantics (docs/distributed.md)
+and sparse inference (docs/inference.md).
 
 Every name is imported on first use (module ``__getattr__``), so ``import hf_chts``
 and ``hf-chts --help`` do not import torch or transformers.
@@ -32,6 +34,7 @@ _EXPORTS = {
     "read_engine_state": "checkpoint",
     "merge_lora": "lora",
     "evaluate_model": "evaluation",
+    "to_sparse_inference": "inference",
 }
 
 __all__ = list(_EXPORTS)

@@ -1,4 +1,4 @@
-"""The ``hf-chts`` command: ``train``, ``eval``, ``inspect``, ``export``.
+"""The ``hf-chts`` command: ``train``, ``eval``, ``bench-inference``, ``inspect``, ``export``.
 
 Each subcommand lives with the code it drives; this module only parses
 arguments and dispatches, so ``hf-chts --help`` stays fast.
@@ -81,7 +81,31 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     parser.add_argument("--bootstrap-iters", type=int, default=1000,
                         help="bootstrap iterations for the stderr of non-mean metrics (0 skips them)")
+    parser.add_argument("--inference", action="store_true",
+                        help="evaluate the inference-only sparse model (load_sparse(..., inference=True))")
+    parser.add_argument("--kernel", choices=("auto", "csr", "dense"), default="auto",
+                        help="sparse kernel with --inference (default auto: per layer, whichever is faster)")
     parser.set_defaults(handler="hf_chts.evaluation:eval_command")
+
+
+def _add_bench_inference(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench-inference",
+        help="speed and memory of a sparse checkpoint's inference model vs its dense twin",
+        description="Load the checkpoint as an inference-only sparse model and as its masked dense twin, and print "
+        "prefill and decode tokens/s, peak memory, weight bytes, the kernel per layer type and the largest logit "
+        "difference (timings interleaved in one run; see docs/inference.md).",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
+    parser.add_argument("--kernel", choices=("auto", "csr", "dense"), default="auto")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (batch 1)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decoding steps per measurement")
+    parser.add_argument("--decode-batches", default="1,8", help="comma-separated decode batch sizes")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (best round reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.set_defaults(handler="hf_chts.inference.bench_command:bench_inference_command")
 
 
 def _add_inspect(subparsers) -> None:
@@ -118,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of every error (also accepted after the subcommand)")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,inspect,export}")
-    for add in (_add_train, _add_eval, _add_inspect, _add_export):
+    subparsers = parser.add_subparsers(dest="command", required=True,
+                                       metavar="{train,eval,bench-inference,inspect,export}")
+    for add in (_add_train, _add_eval, _add_bench_inference, _add_inspect, _add_export):
         add(subparsers)
     return parser
 

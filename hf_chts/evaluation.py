@@ -180,9 +180,13 @@ def make_task_manager(tasks: list[str], include_path: str | os.PathLike | None =
 
 def sparsity_summary(model: nn.Module) -> dict[str, Any]:
     """``{"density", "anp", "method", "live_links", "total_links"}`` of a (possibly dense) model."""
+    from .inference.convert import inference_info
     from .model import sparsity_report
     from .state import find_state
 
+    info = inference_info(model)
+    if info is not None:  # converted for inference: the masks are gone, the conversion kept the numbers
+        return info.summary()
     state = find_state(model)
     if state is None:
         return {"density": 1.0, "anp": None, "method": None, "sparse": False}
@@ -325,7 +329,11 @@ def eval_command(args) -> int:
     device = model_args.get("device") or getattr(args, "device", None) or best_device()
     folder = resolve_checkpoint(args.checkpoint, revision=getattr(args, "revision", None))
     dtype = model_args.get("dtype")
-    model = load_sparse(folder, **({"dtype": dtype} if dtype else {}))
+    dtype_kwargs = {"dtype": dtype} if dtype else {}
+    if getattr(args, "inference", False):  # sparse kernels, only live weights in memory (docs/inference.md)
+        model = load_sparse(folder, inference=True, kernel=args.kernel, **dtype_kwargs)
+    else:
+        model = load_sparse(folder, **dtype_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     output = args.output_path or (str(folder) if Path(folder).is_dir() else str(Path.cwd()))
     tracker = EvaluationTracker(output_path=output)

@@ -77,3 +77,19 @@ def test_regrowth_task_quick(tmp_path):
         assert 0.0 <= float(row["acc_mean"]) <= 1.0 and math.isfinite(float(row["loss_mean"]))
         assert abs(float(row["density"]) - 0.05) < 0.01
     assert all(r["updates"] > 0 for r in result["runs"])
+
+
+def test_inference_quick(tmp_path):
+    inference = load("inference")
+    result = inference.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"dense", "csr", "auto"}
+    for row in rows.values():
+        for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "weight_ratio", "max_logit_diff"):
+            assert finite(row[key]), (row["variant"], key)
+        assert row["max_logit_diff"] <= 1e-4
+    assert rows["csr"]["weight_ratio"] < 0.25 and rows["dense"]["weight_ratio"] == 1.0
+    memory = {row["load"]: row["peak_load_mb"] for row in result["memory"]}
+    assert len(memory) == 3 and all(value is None or value >= 0 for value in memory.values())
+    for name in ("inference_quick.png", "inference_quick.txt", "inference_quick_memory.json"):
+        assert (tmp_path / name).exists(), name

@@ -14,7 +14,7 @@ import yaml
 from hf_chts import SparsifyConfig, sparsify, sparsity_report
 from hf_chts.checkpoint import load_sparse, save_sparse
 from hf_chts.cli import main as cli_main
-from hf_chts.evaluation import evaluate_model, write_local_tasks
+from hf_chts.evaluation import evaluate_model, finite_metrics, write_local_tasks
 
 PREFIX = "hfchts_test"
 CHOICE, PERPLEXITY = f"{PREFIX}_choice", f"{PREFIX}_perplexity"
@@ -132,6 +132,18 @@ def test_best_device_prefers_a_gpu(monkeypatch):
     assert evaluation.best_device() == "mps"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert evaluation.best_device() == "cuda"
+
+
+def test_hf_chts_eval_inference_scores_like_the_masked_model(workspace, hf_chts_results):
+    results = run_hf_chts_eval(workspace, workspace["root"] / "compact", workspace["root"] / "inference.json",
+                               extra=("--inference", "--kernel", "csr"))
+    for task in (CHOICE, PERPLEXITY):
+        for metric, value in finite_metrics(hf_chts_results)[task].items():
+            assert finite_metrics(results)[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
+    summary, expected = results["hf_chts"], hf_chts_results["hf_chts"]
+    assert summary["inference_kernel"] == "csr" and summary["csr_layers"] == summary["layers"] > 0
+    for key in ("density", "anp", "live_links", "total_links", "method"):
+        assert summary[key] == pytest.approx(expected[key]) if key != "method" else summary[key] == expected[key]
 
 
 def test_evaluate_model_in_memory_and_off_main(workspace, hf_chts_results, monkeypatch):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import SparsifyConfig
+from ..inference.autotune import DEFAULT_AUTO_TOKENS
 from ..io_utils import looks_like_local_path
 from ..layers import logical_shape_of
 from ..model import select_modules, sparsify
@@ -119,8 +120,8 @@ def _from_pretrained(folder: Path, sparse_keys: set[str], compact: bool, kwargs:
 
 
 def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
-                cache_dir: str | None = None, local_files_only: bool | None = None,
-                **from_pretrained_kwargs) -> nn.Module:
+                cache_dir: str | None = None, local_files_only: bool | None = None, inference: bool = False,
+                kernel: str = "auto", auto_tokens=DEFAULT_AUTO_TOKENS, **from_pretrained_kwargs) -> nn.Module:
     """Load a sparse checkpoint (local folder or Hub repo id) as a sparsified model.
 
     Loads the weights with ``AutoModelForCausalLM.from_pretrained`` (expanding
@@ -132,6 +133,12 @@ def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = No
         path_or_repo_id: checkpoint folder or ``"org/name"`` on the Hub.
         revision / token / cache_dir / local_files_only: Hub download options;
             ``HF_HUB_OFFLINE=1`` restricts to the local cache.
+        inference: build an inference-only model instead (docs/inference.md):
+            every sparsified layer is built straight from its mask and live
+            values with ``kernel`` (``"auto"``, ``"csr"``, ``"dense"``; as in
+            ``to_sparse_inference``, with ``auto_tokens``), never holding a
+            dense copy of a sparsified weight; safetensors files only, and of
+            the ``from_pretrained`` options only ``dtype``.
         **from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
 
     Returns:
@@ -164,6 +171,15 @@ def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = No
             "missing; copy the complete checkpoint"
         )
     config = config_from_record(folder / CONFIG_FILE, record)
+    if inference:
+        from ..inference.loading import build_inference_model, check_inference_options, empty_model
+
+        tokens, dtype = check_inference_options(kernel, auto_tokens, from_pretrained_kwargs.pop("dtype", None),
+                                                from_pretrained_kwargs)
+        model = empty_model(folder)
+        by_name = validate_masks(folder / SPARSITY_FILE, model, config, masks)
+        return build_inference_model(folder, model, config, masks, by_name, compact=compact, kernel=kernel,
+                                     auto_tokens=tokens, dtype=dtype)
     values = read_compact_values(folder, masks) if compact else None
     model = _from_pretrained(folder, set(masks), compact, from_pretrained_kwargs)
     by_name = validate_masks(folder / SPARSITY_FILE, model, config, masks)
