@@ -38,7 +38,7 @@ from .architectures import constant_output_rows
 from .config import SparsifyConfig
 from .config_changes import check_resume_config
 from .deepspeed_check import refuse_deepspeed
-from .layers import SparseLayerMixin, sparse_layers
+from .layers import SparseLayerMixin, sparse_layers, zero_masked_
 from .model import sparsify
 from .schedules import SparseSchedule, lr_rewarmup_multiplier
 from .state import find_state, unwrap_model
@@ -378,14 +378,14 @@ class SparseTrainingEngine:
         layer.set_mask(new_mask)
         keep = (new_mask & ~grown).to(layer.mask.device)  # surviving links keep weight and moments
         weight = layer.weight
-        weight_keep = layer.shard_like_weight(layer.storage_view(keep).to(weight.dtype))
-        weight.mul_(weight_keep)  # regrown links start at 0
+        weight_keep = layer.shard_like_weight(layer.storage_view(keep))
+        zero_masked_(weight, weight_keep)  # regrown links start at exactly 0
         if self.optimizer is not None:
             for value in self.optimizer.state.get(weight, {}).values():
                 if not (torch.is_tensor(value) and value.shape == weight.shape):
                     continue
                 if value.is_floating_point():
-                    value.mul_(weight_keep.to(value.dtype))
+                    zero_masked_(value, weight_keep)  # cut and regrown links: exactly 0, NaN/inf included
                 elif not self._warned_state_dtype:  # e.g. 8-bit quantised moments: code 0 is not the value 0
                     self._warned_state_dtype = True
                     logger.warning("hf_chts: optimizer state of dtype %s cannot be reset for regrown links; "

