@@ -5,9 +5,9 @@
     python bench/speed.py --quick --out /tmp/s   # smoke run (tiny shapes, 1 repeat)
 
 Parts
-- step: forward+backward+AdamW step of a sparsified LLaMA vs the same dense model
-  (masked forward = the plain dense GEMM + gradient-masking hooks). 60M/130M shapes
-  time two decoder blocks with a small vocabulary (the sparsified part of the model).
+- step: forward+backward+AdamW step of a sparsified LLaMA vs the same dense model and, when
+  installed, the same model under sparsimony / torch.ao.pruning (bench/train_step.py), all
+  interleaved in one run. 60M/130M shapes time two decoder blocks with a small vocabulary.
 - update: per-layer topology-update time vs layer size: CH2-L3n matrix form
   (unchunked and chunked under a small memory budget), path-based CH3-L3 reference
   (skipped with an extrapolation above a time cap), soft removal and the sampling
@@ -22,6 +22,7 @@ Parts
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -33,9 +34,11 @@ from pathlib import Path
 
 try:
     from bench import _common as common
+    from bench import train_step
 except ImportError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import _common as common  # type: ignore
+    import train_step  # type: ignore
 
 SHAPES = {
     # name: hidden, ffn, layers timed, heads, seq, batch
@@ -75,51 +78,18 @@ def sparse_setup(model, density: float, total_steps: int = 10**7, update_interva
 
 
 # ------------------------------------------------------------------ step time
-def part_step(args) -> list[dict]:
-    import torch
+def part_step(args) -> tuple[list[dict], dict]:
+    """Dense vs hf_chts vs the installed peers, per shape and optimizer (bench/train_step.py)."""
     from tqdm import tqdm
 
-    rows = []
+    rows, skipped = [], {}
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = {name: shape for name, shape in shapes.items() if name in args.shapes}
     for name, shape in tqdm(shapes.items(), desc="step time", disable=args.no_progress):
-        x = torch.randint(0, 1024, (shape["batch"], shape["seq"]))
-        dense = build_llama(shape)
-        dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-3)
-        sparse = build_llama(shape)
-        sparse_opt, engine = sparse_setup(sparse, args.density)
-        sparse.train()
-        dense.train()
-
-        def make_step(model, optimizer, engine=None):
-            def step():
-                loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if engine is not None:
-                    engine.step()
-            return step
-
-        dense_step, sparse_step = make_step(dense, dense_opt), make_step(sparse, sparse_opt, engine)
-        dense_step(), sparse_step()  # warm-up (allocates optimizer state)
-        dense_times, sparse_times = [], []
-        for _ in range(args.repeats):  # interleaved so load changes hit both alike
-            for fn, bucket in ((dense_step, dense_times), (sparse_step, sparse_times)):
-                started = time.perf_counter()
-                fn()
-                bucket.append(time.perf_counter() - started)
-        import statistics
-
-        dense_median, sparse_median = statistics.median(dense_times), statistics.median(sparse_times)
-        # per-pair ratio: robust to slow drifts of the machine load
-        pair_ratio = statistics.median(s / d for s, d in zip(sparse_times, dense_times))
-        n_sparse = sum(layer.mask.numel() for layer in engine.layers.values())
-        rows.append(dict(shape=name, hidden=shape["hidden"], ffn=shape["ffn"], layers=shape["layers"],
-                         tokens=shape["batch"] * shape["seq"], sparsified_weights=n_sparse,
-                         dense_ms=dense_median * 1e3, sparse_ms=sparse_median * 1e3,
-                         ratio=sparse_median / dense_median, pair_ratio=pair_ratio, repeats=args.repeats))
-        engine.close()
-    return rows
+        shape_rows, skipped = train_step.step_rows(name, shape, functools.partial(build_llama, shape), args)
+        rows.extend(shape_rows)
+    return rows, skipped
 
 
 # ------------------------------------------------------------- update time
@@ -239,8 +209,9 @@ def part_overhead(args, step_rows: list[dict]) -> dict:
         stats = engine.step()  # update_interval=1: a full topology update every step
         update_times.append(stats.seconds)
     engine.close()
-    step_row = next((r for r in step_rows if r["shape"] == "llama-130m (2 of 12 blocks)"), None)
-    step_s = step_row["sparse_ms"] / 1e3 if step_row else statistics.median(step_times)
+    step_row = next((r for r in step_rows if r["shape"] == "llama-130m (2 of 12 blocks)" and r["method"] == "hf_chts"
+                     and r["optimizer"] == "adamw"), None)
+    step_s = step_row["wall_ms"] / 1e3 if step_row else statistics.median(step_times)
     update_s = statistics.median(update_times)
     scale = full_layers / shape["layers"]
     tokens = shape["batch"] * shape["seq"]
@@ -435,6 +406,11 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=7, help="timing repeats (medians are reported)")
     parser.add_argument("--path-cap", type=float, default=120.0,
                         help="skip the path-based CH3-L3 reference when its extrapolated time exceeds this (s)")
+    parser.add_argument("--optimizers", nargs="+", default=list(train_step.OPTIMIZERS), choices=list(train_step.OPTIMIZERS),
+                        help="optimizers of the step part (default: both)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES) + list(QUICK_SHAPES),
+                        help="step part: only these shapes (default: all)")
+    parser.add_argument("--no-peers", action="store_true", help="step part: skip sparsimony / torch.ao rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch default)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--quick", action="store_true")
@@ -464,17 +440,11 @@ def main(argv=None) -> dict:
     results["density"] = args.density
     texts = []
     if "step" in args.parts:
-        results["step"] = part_step(args)
+        results["step"], results["step_peers_skipped"] = part_step(args)
         common.write_csv(args.out / f"{stem}_step.csv", results["step"])
     if "step" in results:
-        rows = [dict(r, dense_ms=f"{r['dense_ms']:.1f}", sparse_ms=f"{r['sparse_ms']:.1f}", ratio=f"{r['ratio']:.3f}",
-                     pair_ratio=f"{r['pair_ratio']:.3f}", sparsified_weights=f"{r['sparsified_weights']:,}")
-                for r in results["step"]]
-        texts.append(common.table(rows, [("shape", "shape"), ("tokens", "tokens/step"),
-                                         ("sparsified_weights", "sparsified weights"), ("dense_ms", "dense ms"),
-                                         ("sparse_ms", "sparse ms"), ("ratio", "ratio (medians)"),
-                                         ("pair_ratio", "ratio (median of pairs)"), ("repeats", "repeats")],
-                                  f"Training step (fwd+bwd+AdamW), density {args.density}, median of repeats"))
+        skipped = "".join(f"\n  {peer}: {why}" for peer, why in results.get("step_peers_skipped", {}).items())
+        texts.append(train_step.step_table(results["step"], args.density) + (f"\npeers left out:{skipped}" if skipped else ""))
     if "update" in args.parts:
         results["update"] = part_update(args)
         common.write_csv(args.out / f"{stem}_update.csv", results["update"])

@@ -1,0 +1,186 @@
+"""Training-step time of bench/speed.py: dense vs hf_chts vs peer libraries, measured side by side in one run.
+
+Every contender trains the same LLaMA (same seed, same batch) with the same optimizer; the sparse ones
+mask the same linear layers (hf_chts's targets) at the same density and run no topology update inside
+the timed steps. Steps are interleaved round-robin (the starting contender rotates every round) so a
+change of the machine's load hits all alike; each step is timed in wall time and in process CPU time
+(the CPU time of a step does not count the time the process waits for a core on a shared machine).
+
+Contenders (peers are optional rows, measured when importable):
+- ``dense``: the model as built.
+- ``hf_chts``: ``sparsify`` (CHTs preset) + ``SparseTrainingEngine`` attached to the optimizer; the
+  forward is the plain dense GEMM, gradients are masked as they are accumulated.
+- ``sparsimony SET``: sparsimony 0.1.0 (torch.ao parametrizations: every forward multiplies the weight
+  by its mask). It declares numpy 1.* and Python <= 3.12 but runs here:
+  ``pip install --no-deps sparsimony==0.1.0``.
+- ``torch.ao WeightNormSparsifier``: torch's own ``FakeSparsity`` parametrization, masks computed once
+  by ``sparsifier.step()`` before the timed steps (1x1 blocks, i.e. unstructured).
+
+Optimizers: ``adamw`` is ``torch.optim.AdamW`` with its defaults (the for-loop implementation on CPU);
+``adamw-fused`` is ``AdamW(fused=True)`` (what ``transformers.Trainer`` uses by default with torch >= 2.8).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+try:
+    from bench import _common as common
+except ImportError:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _common as common  # type: ignore
+
+OPTIMIZERS = {"adamw": {}, "adamw-fused": {"fused": True}}
+LEARNING_RATE = 1e-3
+
+
+class Contender:
+    """One model + optimizer (+ sparsity machinery) whose ``step()`` is one training step."""
+
+    def __init__(self, name: str, model, optimizer, targets: list[str], after_step=None, close=None):
+        self.name, self.model, self.optimizer, self.targets = name, model, optimizer, targets
+        self._after_step, self._close = after_step, close
+
+    def step(self, input_ids) -> None:
+        loss = self.model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._after_step is not None:
+            self._after_step()
+
+    def effective_density(self) -> float | None:
+        """Fraction of non-zero entries of the targeted weights as the forward sees them."""
+        import torch
+
+        if not self.targets:
+            return None
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            weights = [modules[name].weight for name in self.targets]  # parametrized: mask * original
+            return sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+
+def make_optimizer(params, optimizer: str):
+    import torch
+
+    return torch.optim.AdamW(params, lr=LEARNING_RATE, **OPTIMIZERS[optimizer])
+
+
+def dense_contender(build_model, optimizer: str) -> Contender:
+    model = build_model()
+    return Contender("dense", model, make_optimizer(model.parameters(), optimizer), [])
+
+
+def hf_chts_contender(build_model, optimizer: str, density: float) -> Contender:
+    from hf_chts import SparsifyConfig, sparsify
+    from hf_chts.engine import SparseTrainingEngine
+
+    model = build_model()
+    sparsify(model, SparsifyConfig(method="chts", target_density=density, update_interval=10**6, seed=0))
+    opt = make_optimizer(model.parameters(), optimizer)
+    engine = SparseTrainingEngine(model, total_steps=10**7, optimizer=opt)
+    return Contender("hf_chts", model, opt, sorted(engine.layers), after_step=engine.step, close=engine.close)
+
+
+def sparsimony_contender(build_model, optimizer: str, density: float, targets: list[str]) -> Contender:
+    from sparsimony.distributions.base import UniformDistribution
+    from sparsimony.dst.set import SET
+    from sparsimony.schedulers.base import ConstantScheduler
+
+    model = build_model()
+    opt = make_optimizer(model.parameters(), optimizer)
+    scheduler = ConstantScheduler(pruning_ratio=0.1, delta_t=10**6, t_end=10**7)  # no update while timed
+    sparsifier = SET(scheduler, UniformDistribution(), opt, sparsity=1.0 - density)
+    sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name in targets])
+    return Contender("sparsimony SET", model, opt, targets, after_step=sparsifier.step)
+
+
+def torch_ao_contender(build_model, optimizer: str, density: float, targets: list[str]) -> Contender:
+    from torch.ao.pruning import WeightNormSparsifier
+
+    model = build_model()
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0 - density, sparse_block_shape=(1, 1), zeros_per_block=1)
+    sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name in targets])
+    sparsifier.step()  # the masks; not recomputed during the timed steps
+    return Contender("torch.ao WeightNormSparsifier", model, make_optimizer(model.parameters(), optimizer), targets)
+
+
+PEERS = {"sparsimony": sparsimony_contender, "torch.ao": torch_ao_contender}
+
+
+def contenders(build_model, optimizer: str, density: float, peers: bool = True) -> tuple[list[Contender], dict]:
+    """Dense, hf_chts and (when importable) the peers; also {peer: reason} for peers left out."""
+    built = [dense_contender(build_model, optimizer), hf_chts_contender(build_model, optimizer, density)]
+    skipped = {}
+    for name, make in PEERS.items() if peers else ():
+        try:
+            built.append(make(build_model, optimizer, density, built[1].targets))
+        except ImportError as error:
+            skipped[name] = f"not installed ({error})"
+    for contender in built:
+        contender.model.train()
+    return built, skipped
+
+
+def time_interleaved(contenders: list[Contender], input_ids, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """{name: {"wall": [s...], "cpu": [s...]}} over ``repeats`` rounds after one warm-up step each."""
+    for contender in contenders:  # warm-up: allocates the optimizer state
+        contender.step(input_ids)
+    times = {c.name: {"wall": [], "cpu": []} for c in contenders}
+    for round_index in range(repeats):
+        shift = round_index % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            contender.step(input_ids)
+            times[contender.name]["cpu"].append(time.process_time() - cpu)
+            times[contender.name]["wall"].append(time.perf_counter() - wall)
+    return times
+
+
+def step_rows(shape_name: str, shape: dict, build_model, args) -> tuple[list[dict], dict]:
+    """One row per (optimizer, contender) of one model shape, ratios to the dense row of the same run."""
+    import torch
+
+    input_ids = torch.randint(0, 1024, (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0))
+    rows, skipped = [], {}
+    for optimizer in args.optimizers:
+        built, skipped = contenders(build_model, optimizer, args.density, peers=not args.no_peers)
+        times = time_interleaved(built, input_ids, args.repeats)
+        dense = times["dense"]
+        for contender in built:
+            own = times[contender.name]
+            rows.append(dict(
+                shape=shape_name, tokens=shape["batch"] * shape["seq"], optimizer=optimizer, method=contender.name,
+                density=contender.effective_density(),
+                wall_ms=statistics.median(own["wall"]) * 1e3, cpu_ms=statistics.median(own["cpu"]) * 1e3,
+                cpu_min_ms=min(own["cpu"]) * 1e3,
+                ratio_wall=statistics.median(own["wall"]) / statistics.median(dense["wall"]),
+                ratio_cpu=statistics.median(own["cpu"]) / statistics.median(dense["cpu"]),
+                ratio_cpu_pairs=statistics.median(a / b for a, b in zip(own["cpu"], dense["cpu"])),
+                ratio_cpu_min=min(own["cpu"]) / min(dense["cpu"]),
+                repeats=args.repeats,
+            ))
+            contender.close()
+    return rows, skipped
+
+
+def step_table(rows: list[dict], density: float) -> str:
+    cells = [dict(r, density="-" if r["density"] is None else f"{r['density']:.3f}",
+                  wall_ms=f"{r['wall_ms']:.1f}", cpu_ms=f"{r['cpu_ms']:.1f}", ratio_wall=f"{r['ratio_wall']:.3f}",
+                  ratio_cpu=f"{r['ratio_cpu']:.3f}", ratio_cpu_pairs=f"{r['ratio_cpu_pairs']:.3f}",
+                  ratio_cpu_min=f"{r['ratio_cpu_min']:.3f}") for r in rows]
+    return common.table(cells, [("shape", "shape"), ("tokens", "tokens/step"), ("optimizer", "optimizer"),
+                         ("method", "method"), ("density", "density"), ("wall_ms", "wall ms"),
+                         ("cpu_ms", "cpu ms"), ("ratio_wall", "x dense wall"), ("ratio_cpu", "x dense cpu"),
+                         ("ratio_cpu_pairs", "x dense cpu (pairs)"), ("ratio_cpu_min", "x dense cpu (min/min)"),
+                         ("repeats", "repeats")],
+                 f"Training step (fwd+bwd+optimizer step), target density {density}; medians of interleaved repeats; "
+                 "x dense = ratio to the dense row of the same shape and optimizer")
