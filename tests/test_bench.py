@@ -49,11 +49,20 @@ def test_quality_quick(tmp_path):
     assert len(data["runs"]) == 2
 
 
+@pytest.mark.slow  # benchmark smoke test (≈ 25-70 s on the shared machine); the step part's logic is tested below
 def test_speed_quick(tmp_path):
     speed = load("speed")
     result = speed.main(["--quick", "--out", str(tmp_path), "--no-progress"])["results"]
-    (step,) = result["step"]
-    assert finite(step["dense_ms"]) and finite(step["sparse_ms"]) and step["ratio"] > 0
+    step = {(r["optimizer"], r["method"]): r for r in result["step"]}
+    peers = [m for m in ("sparsimony SET", "torch.ao WeightNormSparsifier") if ("adamw", m) in step]
+    assert set(step) == {(o, m) for o in ("adamw", "adamw-fused") for m in ["dense", "hf_chts"] + peers}
+    assert "torch.ao WeightNormSparsifier" in peers  # ships with torch: never silently skipped
+    for (optimizer, method), row in step.items():
+        assert finite(row["wall_ms"]) and finite(row["cpu_ms"]) and row["ratio_cpu_pairs"] > 0, (optimizer, method)
+        if method == "dense":
+            assert row["density"] is None and row["ratio_wall"] == row["ratio_cpu"] == 1.0
+        else:  # every sparse contender really masks the same layers at the same density
+            assert abs(row["density"] - 0.3) < 0.01, (optimizer, method, row["density"])
     assert [r["layer"] for r in result["update"]] == ["64x64", "128x128"]
     for row in result["update"]:
         for key in ("remove_s", "ch2_matrix_s", "ch2_chunked_s", "sampling_s", "regrow_total_s", "path_ch3_s"):
@@ -93,3 +102,22 @@ def test_inference_quick(tmp_path):
     assert len(memory) == 3 and all(value is None or value >= 0 for value in memory.values())
     for name in ("inference_quick.png", "inference_quick.txt", "inference_quick_memory.json"):
         assert (tmp_path / name).exists(), name
+
+
+def test_train_step_contenders_time_the_same_masked_layers():
+    """Default tier: one round of the step comparison on a tiny LLaMA (every contender, one optimizer)."""
+    import argparse
+
+    speed = load("speed")
+    shape = speed.QUICK_SHAPES["tiny-quick"]
+    args = argparse.Namespace(optimizers=["adamw"], density=0.3, repeats=1, no_peers=False)
+    rows, skipped = speed.train_step.step_rows("tiny", shape, lambda: speed.build_llama(shape), args)
+    methods = [row["method"] for row in rows]
+    assert methods[:2] == ["dense", "hf_chts"] and "torch.ao WeightNormSparsifier" in methods
+    assert ("sparsimony SET" in methods) != ("sparsimony" in skipped)
+    for row in rows[1:]:
+        assert abs(row["density"] - 0.3) < 0.01, row["method"]
+        assert finite(row["ratio_cpu"]) and row["repeats"] == 1
+    built, _ = speed.train_step.contenders(lambda: speed.build_llama(shape), "adamw", 0.3)
+    targets = built[1].targets
+    assert len(targets) == 7 * shape["layers"] and all(c.targets == targets for c in built[2:])
