@@ -8,6 +8,7 @@ Parts
 - step: forward+backward+AdamW step of a sparsified LLaMA vs the same dense model and, when
   installed, the same model under sparsimony / torch.ao.pruning (bench/train_step.py), all
   interleaved in one run. 60M/130M shapes time two decoder blocks with a small vocabulary.
+- masking: kernels that zero a gradient at masked positions (LLaMA-130M block weights), exact or not.
 - update: per-layer topology-update time vs layer size: CH2-L3n matrix form
   (unchunked and chunked under a small memory budget), path-based CH3-L3 reference
   (skipped with an extrapolation above a time cap), soft removal and the sampling
@@ -22,7 +23,6 @@ Parts
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -75,21 +75,6 @@ def sparse_setup(model, density: float, total_steps: int = 10**7, update_interva
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     engine = SparseTrainingEngine(model, total_steps=total_steps, optimizer=optimizer)
     return optimizer, engine
-
-
-# ------------------------------------------------------------------ step time
-def part_step(args) -> tuple[list[dict], dict]:
-    """Dense vs hf_chts vs the installed peers, per shape and optimizer (bench/train_step.py)."""
-    from tqdm import tqdm
-
-    rows, skipped = [], {}
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    if args.shapes:
-        shapes = {name: shape for name, shape in shapes.items() if name in args.shapes}
-    for name, shape in tqdm(shapes.items(), desc="step time", disable=args.no_progress):
-        shape_rows, skipped = train_step.step_rows(name, shape, functools.partial(build_llama, shape), args)
-        rows.extend(shape_rows)
-    return rows, skipped
 
 
 # ------------------------------------------------------------- update time
@@ -400,8 +385,8 @@ def part_checkpoint(args) -> dict:
 # ---------------------------------------------------------------- driver
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["step", "update", "overhead", "memory", "checkpoint"],
-                        choices=["step", "update", "overhead", "memory", "checkpoint"])
+    parts = ["step", "masking", "update", "overhead", "memory", "checkpoint"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--density", type=float, default=0.3)
     parser.add_argument("--repeats", type=int, default=7, help="timing repeats (medians are reported)")
     parser.add_argument("--path-cap", type=float, default=120.0,
@@ -440,11 +425,14 @@ def main(argv=None) -> dict:
     results["density"] = args.density
     texts = []
     if "step" in args.parts:
-        results["step"], results["step_peers_skipped"] = part_step(args)
+        shapes = QUICK_SHAPES if args.quick else SHAPES
+        results["step"], results["step_peers_skipped"] = train_step.part_step(args, shapes, build_llama)
         common.write_csv(args.out / f"{stem}_step.csv", results["step"])
     if "step" in results:
-        skipped = "".join(f"\n  {peer}: {why}" for peer, why in results.get("step_peers_skipped", {}).items())
-        texts.append(train_step.step_table(results["step"], args.density) + (f"\npeers left out:{skipped}" if skipped else ""))
+        texts.append(train_step.step_table(results["step"], args.density, results.get("step_peers_skipped", {})))
+    if "masking" in args.parts:
+        results["masking"] = train_step.masking_rows(SHAPES["llama-130m (2 of 12 blocks)"], args)
+        texts.append(train_step.masking_table(results["masking"]))
     if "update" in args.parts:
         results["update"] = part_update(args)
         common.write_csv(args.out / f"{stem}_update.csv", results["update"])

@@ -172,7 +172,7 @@ def step_rows(shape_name: str, shape: dict, build_model, args) -> tuple[list[dic
     return rows, skipped
 
 
-def step_table(rows: list[dict], density: float) -> str:
+def step_table(rows: list[dict], density: float, skipped: dict | None = None) -> str:
     cells = [dict(r, density="-" if r["density"] is None else f"{r['density']:.3f}",
                   wall_ms=f"{r['wall_ms']:.1f}", cpu_ms=f"{r['cpu_ms']:.1f}", ratio_wall=f"{r['ratio_wall']:.3f}",
                   ratio_cpu=f"{r['ratio_cpu']:.3f}", ratio_cpu_pairs=f"{r['ratio_cpu_pairs']:.3f}",
@@ -183,4 +183,90 @@ def step_table(rows: list[dict], density: float) -> str:
                          ("ratio_cpu_pairs", "x dense cpu (pairs)"), ("ratio_cpu_min", "x dense cpu (min/min)"),
                          ("repeats", "repeats")],
                  f"Training step (fwd+bwd+optimizer step), target density {density}; medians of interleaved repeats; "
-                 "x dense = ratio to the dense row of the same shape and optimizer")
+                 "x dense = ratio to the dense row of the same shape and optimizer"
+                 ) + "".join(f"\n(peer left out: {peer}: {why})" for peer, why in (skipped or {}).items())
+
+
+def part_step(args, shapes: dict, build_model) -> tuple[list[dict], dict]:
+    """Rows of every shape (``args.shapes`` filters by name); also {peer: reason} for peers left out."""
+    import functools
+
+    from tqdm import tqdm
+
+    rows, skipped = [], {}
+    if args.shapes:
+        shapes = {name: shape for name, shape in shapes.items() if name in args.shapes}
+    for name, shape in tqdm(shapes.items(), desc="step time", disable=args.no_progress):
+        shape_rows, skipped = step_rows(name, shape, functools.partial(build_model, shape), args)
+        rows.extend(shape_rows)
+    return rows, skipped
+
+
+# --------------------------------------------------------------- masking kernels
+def _int_view(tensor):
+    import torch
+
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def _masking_kernels():
+    """{name: (prepare(keep) -> operand, apply_(tensor, operand), extra bytes per weight held)}."""
+    import torch
+
+    from hf_chts.layers import zero_masked_
+
+    return {
+        "tensor.mul_(bool mask) (hf_chts before)": (lambda keep: keep, lambda t, m: t.mul_(m), 0),
+        "zero_masked_: int view * bool mask (hf_chts)": (lambda keep: keep, zero_masked_, 0),
+        "int view & int keep bits": (lambda keep: keep.to(torch.int32).neg_(), lambda t, m: _int_view(t).bitwise_and_(m), 4),
+        "tensor.mul_(float keep)": (lambda keep: keep.float(), lambda t, m: t.mul_(m), 4),
+        "masked_fill_(inverted mask, 0)": (lambda keep: ~keep, lambda t, m: t.masked_fill_(m, 0), 1),
+        "torch.where(mask, t, 0, out=t)": (lambda keep: keep, lambda t, m: torch.where(m, t, torch.zeros((), dtype=t.dtype), out=t), 0),
+    }
+
+
+def _is_exact(prepare, apply_, generator) -> bool:
+    """NaN/inf/-0.0 at masked positions must become +0.0 and live entries keep their bits."""
+    import torch
+
+    tensor = torch.randn(64, 48, generator=generator)
+    keep = torch.rand(64, 48, generator=generator) < 0.3
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])
+    tensor[~keep] = specials[torch.arange(int((~keep).sum())) % 4]
+    expected = torch.where(keep, _int_view(tensor), 0)
+    apply_(tensor, prepare(keep))
+    return torch.equal(_int_view(tensor), expected)
+
+
+def masking_rows(shape: dict, args) -> list[dict]:
+    """Each kernel masking the gradients of ``shape``'s sparsified weights: exact?, bytes, CPU ms."""
+    import torch
+
+    hidden, ffn = (32, 64) if args.quick else (shape["hidden"], shape["ffn"])
+    shapes = ([(hidden, hidden)] * 4 + [(ffn, hidden)] * 2 + [(hidden, ffn)]) * shape["layers"]
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=generator) for s in shapes]
+    keeps = [torch.rand(s, generator=generator) < args.density for s in shapes]
+    kernels = _masking_kernels()
+    operands = {name: [prepare(keep) for keep in keeps] for name, (prepare, _, _) in kernels.items()}
+    times = {name: [] for name in kernels}
+    for _ in range(max(args.repeats, 3) * 3):  # interleaved rounds
+        for name, (_, apply_, _) in kernels.items():
+            started = time.process_time()
+            for grad, operand in zip(grads, operands[name]):
+                apply_(grad, operand)
+            times[name].append(time.process_time() - started)
+    return [dict(kernel=name, exact=_is_exact(prepare, apply_, generator), extra_bytes_per_weight=extra,
+                 weights=sum(g.numel() for g in grads), cpu_ms=statistics.median(times[name]) * 1e3,
+                 cpu_min_ms=min(times[name]) * 1e3, rounds=len(times[name]))
+            for name, (prepare, apply_, extra) in kernels.items()]
+
+
+def masking_table(rows: list[dict]) -> str:
+    cells = [dict(r, exact="yes" if r["exact"] else "NO (NaN/inf stay)", cpu_ms=f"{r['cpu_ms']:.1f}",
+                  cpu_min_ms=f"{r['cpu_min_ms']:.1f}") for r in rows]
+    return common.table(cells, [("kernel", "kernel"), ("exact", "masked = +0.0 exactly"),
+                                ("extra_bytes_per_weight", "extra bytes/weight"), ("cpu_ms", "cpu ms (median)"),
+                                ("cpu_min_ms", "cpu ms (min)"), ("rounds", "rounds")],
+                        f"Masking the gradients of {rows[0]['weights']:,} weights (one call per tensor), density of the masks "
+                        "as --density; process CPU time")

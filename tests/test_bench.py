@@ -63,6 +63,10 @@ def test_speed_quick(tmp_path):
             assert row["density"] is None and row["ratio_wall"] == row["ratio_cpu"] == 1.0
         else:  # every sparse contender really masks the same layers at the same density
             assert abs(row["density"] - 0.3) < 0.01, (optimizer, method, row["density"])
+    masking = {row["kernel"]: row for row in result["masking"]}
+    assert masking["zero_masked_: int view * bool mask (hf_chts)"]["exact"]
+    assert not masking["tensor.mul_(bool mask) (hf_chts before)"]["exact"]  # 0 * NaN is NaN
+    assert all(finite(row["cpu_ms"]) for row in result["masking"])
     assert [r["layer"] for r in result["update"]] == ["64x64", "128x128"]
     for row in result["update"]:
         for key in ("remove_s", "ch2_matrix_s", "ch2_chunked_s", "sampling_s", "regrow_total_s", "path_ch3_s"):
