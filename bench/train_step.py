@@ -44,13 +44,18 @@ class Contender:
         self.name, self.model, self.optimizer, self.targets = name, model, optimizer, targets
         self._after_step, self._close = after_step, close
 
-    def step(self, input_ids) -> None:
+    def step(self, input_ids) -> tuple[float, float, float]:
+        """One training step; returns the process CPU seconds of forward, backward and the rest."""
+        started = time.process_time()
         loss = self.model(input_ids=input_ids, labels=input_ids).loss
+        forward = time.process_time()
         loss.backward()
+        backward = time.process_time()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self._after_step is not None:
             self._after_step()
+        return forward - started, backward - forward, time.process_time() - backward
 
     def effective_density(self) -> float | None:
         """Fraction of non-zero entries of the targeted weights as the forward sees them."""
@@ -131,17 +136,21 @@ def contenders(build_model, optimizer: str, density: float, peers: bool = True) 
 
 
 def time_interleaved(contenders: list[Contender], input_ids, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """{name: {"wall": [s...], "cpu": [s...]}} over ``repeats`` rounds after one warm-up step each."""
+    """{name: {"wall"|"cpu"|"forward"|"backward"|"optimizer": [s...]}} over ``repeats`` rounds after a warm-up."""
     for contender in contenders:  # warm-up: allocates the optimizer state
         contender.step(input_ids)
-    times = {c.name: {"wall": [], "cpu": []} for c in contenders}
+    keys = ("wall", "cpu", "forward", "backward", "optimizer")
+    times = {c.name: {key: [] for key in keys} for c in contenders}
     for round_index in range(repeats):
         shift = round_index % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
-            wall, cpu = time.perf_counter(), time.process_time()
-            contender.step(input_ids)
-            times[contender.name]["cpu"].append(time.process_time() - cpu)
-            times[contender.name]["wall"].append(time.perf_counter() - wall)
+            wall = time.perf_counter()
+            phases = contender.step(input_ids)
+            own = times[contender.name]
+            own["wall"].append(time.perf_counter() - wall)
+            own["cpu"].append(sum(phases))
+            for key, seconds in zip(keys[2:], phases):
+                own[key].append(seconds)
     return times
 
 
@@ -161,7 +170,9 @@ def step_rows(shape_name: str, shape: dict, build_model, args) -> tuple[list[dic
                 shape=shape_name, tokens=shape["batch"] * shape["seq"], optimizer=optimizer, method=contender.name,
                 density=contender.effective_density(),
                 wall_ms=statistics.median(own["wall"]) * 1e3, cpu_ms=statistics.median(own["cpu"]) * 1e3,
-                cpu_min_ms=min(own["cpu"]) * 1e3,
+                cpu_min_ms=min(own["cpu"]) * 1e3, forward_ms=statistics.median(own["forward"]) * 1e3,
+                backward_ms=statistics.median(own["backward"]) * 1e3,
+                optimizer_ms=statistics.median(own["optimizer"]) * 1e3,
                 ratio_wall=statistics.median(own["wall"]) / statistics.median(dense["wall"]),
                 ratio_cpu=statistics.median(own["cpu"]) / statistics.median(dense["cpu"]),
                 ratio_cpu_pairs=statistics.median(a / b for a, b in zip(own["cpu"], dense["cpu"])),
@@ -174,16 +185,17 @@ def step_rows(shape_name: str, shape: dict, build_model, args) -> tuple[list[dic
 
 def step_table(rows: list[dict], density: float, skipped: dict | None = None) -> str:
     cells = [dict(r, density="-" if r["density"] is None else f"{r['density']:.3f}",
-                  wall_ms=f"{r['wall_ms']:.1f}", cpu_ms=f"{r['cpu_ms']:.1f}", ratio_wall=f"{r['ratio_wall']:.3f}",
+                  wall_ms=f"{r['wall_ms']:.1f}", cpu_ms=f"{r['cpu_ms']:.1f}",
+                  phases=f"{r['forward_ms']:.0f}/{r['backward_ms']:.0f}/{r['optimizer_ms']:.0f}", ratio_wall=f"{r['ratio_wall']:.3f}",
                   ratio_cpu=f"{r['ratio_cpu']:.3f}", ratio_cpu_pairs=f"{r['ratio_cpu_pairs']:.3f}",
                   ratio_cpu_min=f"{r['ratio_cpu_min']:.3f}") for r in rows]
-    return common.table(cells, [("shape", "shape"), ("tokens", "tokens/step"), ("optimizer", "optimizer"),
-                         ("method", "method"), ("density", "density"), ("wall_ms", "wall ms"),
-                         ("cpu_ms", "cpu ms"), ("ratio_wall", "x dense wall"), ("ratio_cpu", "x dense cpu"),
+    return common.table(cells, [("shape", "shape"), ("optimizer", "optimizer"), ("method", "method"),
+                         ("tokens", "tokens/step"), ("density", "density"), ("wall_ms", "wall ms"),
+                         ("cpu_ms", "cpu ms"), ("phases", "fwd/bwd/opt cpu ms"), ("ratio_wall", "x dense wall"), ("ratio_cpu", "x dense cpu"),
                          ("ratio_cpu_pairs", "x dense cpu (pairs)"), ("ratio_cpu_min", "x dense cpu (min/min)"),
                          ("repeats", "repeats")],
                  f"Training step (fwd+bwd+optimizer step), target density {density}; medians of interleaved repeats; "
-                 "x dense = ratio to the dense row of the same shape and optimizer"
+                 "x dense = ratio to the dense row of the same shape and optimizer", left=3,
                  ) + "".join(f"\n(peer left out: {peer}: {why})" for peer, why in (skipped or {}).items())
 
 
@@ -269,4 +281,4 @@ def masking_table(rows: list[dict]) -> str:
                                 ("extra_bytes_per_weight", "extra bytes/weight"), ("cpu_ms", "cpu ms (median)"),
                                 ("cpu_min_ms", "cpu ms (min)"), ("rounds", "rounds")],
                         f"Masking the gradients of {rows[0]['weights']:,} weights (one call per tensor), density of the masks "
-                        "as --density; process CPU time")
+                        "as --density; process CPU time", left=2)

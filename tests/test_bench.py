@@ -49,7 +49,6 @@ def test_quality_quick(tmp_path):
     assert len(data["runs"]) == 2
 
 
-@pytest.mark.slow  # benchmark smoke test (≈ 25-70 s on the shared machine); the step part's logic is tested below
 def test_speed_quick(tmp_path):
     speed = load("speed")
     result = speed.main(["--quick", "--out", str(tmp_path), "--no-progress"])["results"]
@@ -109,7 +108,7 @@ def test_inference_quick(tmp_path):
 
 
 def test_train_step_contenders_time_the_same_masked_layers():
-    """Default tier: one round of the step comparison on a tiny LLaMA (every contender, one optimizer)."""
+    """One round of the step comparison on a tiny LLaMA (every contender, one optimizer)."""
     import argparse
 
     speed = load("speed")
