@@ -533,14 +533,14 @@ try:
     name = "model.layers.0.mlp.up_proj"
     row, col = (~layers[name].mask).nonzero()[0].tolist()
     full[name + ".weight"] = full[name + ".weight"].clone()
-    full[name + ".weight"][row, col] = 1.0  # a value at a masked position: the save must zero it
+    full[name + ".weight"][row, col] = float("nan")  # NaN at a masked position: the save must make it exactly 0
     model.save_pretrained(os.path.join(out, "hook"), state_dict=full)  # Trainer / accelerate FSDP path
     save_sparse(model, os.path.join(out, "dense"))
     save_sparse(model, os.path.join(out, "compact"), compact=True)
     full[name + ".weight"][row, col] = 0.0
     from hf_chts.checkpointing.saving import masked_state_dict  # a sharded (DTensor) state dict is masked shard-wise
     sharded = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    sharded[name + ".weight"].to_local()[row, col] = 1.0
+    sharded[name + ".weight"].to_local()[row, col] = float("nan")
     masked = masked_state_dict(model, sharded)[name + ".weight"]
     assert isinstance(masked, DTensor) and float(masked.to_local()[row, col]) == 0.0
     assert torch.equal(masked.full_tensor(), full[name + ".weight"])

@@ -194,3 +194,52 @@ def test_topology_update_zeroes_specials_in_cut_and_regrown_moments(make_tiny_mo
             assert torch.all(bits(optimizer.state[layer.weight][key])[grown] == 0), (name, key)
         assert torch.all(bits(layer.weight)[grown] == 0)
     assert regrown > 0
+
+
+def test_saving_masks_nan_and_inf_in_the_model_and_in_a_given_state_dict(make_tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from hf_chts.checkpointing.saving import masked_state_dict
+    from hf_chts.recipe.finish import save_gathered_state_dict
+
+    model = make_tiny_model("gpt2")  # Conv1D: the storage layout differs from the logical mask
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.3))
+    layers = sparse_layers(model)
+    given = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    for name, layer in layers.items():
+        plant(layer.weight, ~layer.storage_mask())
+        plant(given[name + ".weight"], ~layer.storage_mask())
+    save_gathered_state_dict(model, dict(given), tmp_path, None)  # the FSDP2 end-of-run save (full state dict)
+    written = load_file(tmp_path / "model.safetensors")
+    masked = masked_state_dict(model, given)
+    for name, layer in layers.items():
+        keep = layer.storage_mask()
+        assert torch.all(bits(layer.weight)[~keep] == 0) and torch.all(bits(masked[name + ".weight"])[~keep] == 0)
+        assert torch.equal(masked[name + ".weight"][keep], layer.weight.detach()[keep])
+        assert torch.equal(bits(written[name + ".weight"]), bits(masked[name + ".weight"]))
+
+
+def test_a_checkpoint_with_nan_at_masked_positions_loads_with_exact_zeros(make_tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hf_chts import load_sparse, save_sparse
+
+    model = make_tiny_model("llama")
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.3))
+    save_sparse(model, tmp_path)
+    weights_file = tmp_path / "model.safetensors"
+    stored = load_file(weights_file)
+    for name, layer in sparse_layers(model).items():
+        plant(stored[name + ".weight"], ~layer.storage_mask())
+    save_file(stored, weights_file, metadata={"format": "pt"})
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    try:
+        loaded = load_sparse(tmp_path)
+    except ValueError as error:  # refusing such a folder is also safe; it must name the file
+        assert "model.safetensors" in str(error)
+        return
+    for name, layer in sparse_layers(loaded).items():
+        assert torch.all(bits(layer.weight)[~layer.storage_mask()] == 0), name
+        assert torch.equal(layer.weight, sparse_layers(model)[name].weight), name
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids).logits).all()

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..io_utils import atomic_path, atomic_write_text
-from ..layers import is_dtensor, sparse_layers
+from ..layers import is_dtensor, sparse_layers, zero_masked_
 from ..model_card import CARD_FILE, write_model_card
 from ..state import find_state, unwrap_model
 from ..version import __version__
@@ -154,14 +154,14 @@ def masked_state_dict(model: nn.Module, state_dict: dict | None) -> dict | None:
             if bool((local[~keep] != 0).any()):
                 from torch.distributed.tensor import DTensor
 
-                state_dict[key] = DTensor.from_local(local * keep.to(local.dtype), tensor.device_mesh,
+                state_dict[key] = DTensor.from_local(zero_masked_(local.clone(), keep), tensor.device_mesh,
                                                      tensor.placements, run_check=False,
                                                      shape=tensor.shape, stride=tensor.stride())
             continue
         # the full plain mask in storage layout: under FSDP2 storage_mask() is a DTensor shard
         keep = layer.storage_view(layer.mask).to(tensor.device)
         if bool((tensor.detach()[~keep] != 0).any()):
-            state_dict[key] = tensor.detach() * keep.to(tensor.dtype)
+            state_dict[key] = zero_masked_(tensor.detach().clone(), keep)  # exact: NaN/inf included
     return state_dict
 
 

@@ -21,7 +21,7 @@ import torch
 from .. import checkpoint, evaluation
 from ..checkpointing.format import weight_key
 from ..checkpointing.saving import write_sparsity_files
-from ..layers import sparse_layers
+from ..layers import sparse_layers, zero_masked_
 from ..model import sparsity_report
 from .data import LMData, collate_blocks
 from .schema import Recipe
@@ -184,7 +184,7 @@ def save_gathered_state_dict(model, full_state_dict: dict, final_dir: Path, toke
         tensor = state.get(key)
         keep = layer.storage_view(layer.mask)
         if torch.is_tensor(tensor) and tensor.shape == keep.shape:
-            state[key] = tensor * keep.to(device=tensor.device, dtype=tensor.dtype)
+            state[key] = zero_masked_(tensor.detach().clone(), keep.to(tensor.device))  # exact: NaN/inf included
         else:
             raise ValueError(f"hf_chts: the gathered state dict has no full weight {key!r} for the sparse layer "
                              f"{name!r} (got {None if tensor is None else tuple(tensor.shape)})")
