@@ -391,8 +391,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=7, help="timing repeats (medians are reported)")
     parser.add_argument("--path-cap", type=float, default=120.0,
                         help="skip the path-based CH3-L3 reference when its extrapolated time exceeds this (s)")
-    parser.add_argument("--optimizers", nargs="+", default=list(train_step.OPTIMIZERS), choices=list(train_step.OPTIMIZERS),
-                        help="optimizers of the step part (default: both)")
+    parser.add_argument("--optimizers", nargs="+", default=list(train_step.OPTIMIZERS), choices=list(train_step.OPTIMIZERS))
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES) + list(QUICK_SHAPES),
                         help="step part: only these shapes (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="step part: skip sparsimony / torch.ao rows")
@@ -431,8 +430,9 @@ def main(argv=None) -> dict:
     if "step" in results:
         texts.append(train_step.step_table(results["step"], args.density, results.get("step_peers_skipped", {})))
     if "masking" in args.parts:
-        results["masking"] = train_step.masking_rows(SHAPES["llama-130m (2 of 12 blocks)"], args)
-        texts.append(train_step.masking_table(results["masking"]))
+        shape = SHAPES["llama-130m (2 of 12 blocks)"]
+        results["masking"], results["sqrt"] = train_step.masking_rows(shape, args), train_step.sqrt_of_zeros_row(shape, args)
+        texts.append(train_step.masking_table(results["masking"]) + "\n" + train_step.sqrt_of_zeros_text(results["sqrt"]))
     if "update" in args.parts:
         results["update"] = part_update(args)
         common.write_csv(args.out / f"{stem}_update.csv", results["update"])

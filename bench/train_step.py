@@ -282,3 +282,33 @@ def masking_table(rows: list[dict]) -> str:
                                 ("cpu_min_ms", "cpu ms (min)"), ("rounds", "rounds")],
                         f"Masking the gradients of {rows[0]['weights']:,} weights (one call per tensor), density of the masks "
                         "as --density; process CPU time", left=2)
+
+
+def sqrt_of_zeros_row(shape: dict, args) -> dict:
+    """CPU ms of ``torch.sqrt`` over AdamW-like second moments with no zeros vs with masked zeros.
+
+    ``torch.optim.AdamW``'s default (for-loop) and foreach steps take ``exp_avg_sq.sqrt()``; masked
+    moments are exactly 0, and on this machine torch's CPU sqrt is much slower on zeros.
+    """
+    import torch
+
+    hidden, ffn = (32, 64) if args.quick else (shape["hidden"], shape["ffn"])
+    numel = (4 * hidden * hidden + 3 * hidden * ffn) * shape["layers"]
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.rand(numel, generator=generator) * 1e-6 + 1e-12
+    masked = dense * (torch.rand(numel, generator=generator) < args.density)
+    out = torch.empty(numel)
+    times = {"dense": [], "masked": []}
+    for _ in range(max(args.repeats, 3) * 3):
+        for name, values in (("dense", dense), ("masked", masked)):
+            started = time.process_time()
+            torch.sqrt(values, out=out)
+            times[name].append(time.process_time() - started)
+    return dict(numel=numel, zeros=1.0 - args.density, dense_ms=statistics.median(times["dense"]) * 1e3,
+                masked_ms=statistics.median(times["masked"]) * 1e3)
+
+
+def sqrt_of_zeros_text(row: dict) -> str:
+    return (f"torch.sqrt of {row['numel']:,} second moments (process CPU time, median): {row['dense_ms']:.1f} ms with no "
+            f"zeros, {row['masked_ms']:.1f} ms with {row['zeros']:.0%} exact zeros (masked links) - the extra cost of "
+            "the for-loop/foreach AdamW step of a sparse model; AdamW(fused=True) does not call torch.sqrt")

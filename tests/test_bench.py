@@ -66,6 +66,7 @@ def test_speed_quick(tmp_path):
     assert masking["zero_masked_: int view * bool mask (hf_chts)"]["exact"]
     assert not masking["tensor.mul_(bool mask) (hf_chts before)"]["exact"]  # 0 * NaN is NaN
     assert all(finite(row["cpu_ms"]) for row in result["masking"])
+    assert finite(result["sqrt"]["dense_ms"]) and finite(result["sqrt"]["masked_ms"])
     assert [r["layer"] for r in result["update"]] == ["64x64", "128x128"]
     for row in result["update"]:
         for key in ("remove_s", "ch2_matrix_s", "ch2_chunked_s", "sampling_s", "regrow_total_s", "path_ch3_s"):
