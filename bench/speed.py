@@ -194,8 +194,8 @@ def part_overhead(args, step_rows: list[dict]) -> dict:
         stats = engine.step()  # update_interval=1: a full topology update every step
         update_times.append(stats.seconds)
     engine.close()
-    step_row = next((r for r in step_rows if r["shape"] == "llama-130m (2 of 12 blocks)" and r["method"] == "hf_chts"
-                     and r["optimizer"] == "adamw"), None)
+    step_row = next((r for r in step_rows if r["shape"] == "llama-130m (2 of 12 blocks)" and r.get("method") == "hf_chts"
+                     and r.get("optimizer") == "adamw"), None)
     step_s = step_row["wall_ms"] / 1e3 if step_row else statistics.median(step_times)
     update_s = statistics.median(update_times)
     scale = full_layers / shape["layers"]

@@ -184,6 +184,8 @@ def step_rows(shape_name: str, shape: dict, build_model, args) -> tuple[list[dic
 
 
 def step_table(rows: list[dict], density: float, skipped: dict | None = None) -> str:
+    if not all("optimizer" in row for row in rows):  # results of an older speed.py in the same --out folder
+        return "Training step: the stored rows have an older format; rerun with --parts step"
     cells = [dict(r, density="-" if r["density"] is None else f"{r['density']:.3f}",
                   wall_ms=f"{r['wall_ms']:.1f}", cpu_ms=f"{r['cpu_ms']:.1f}",
                   phases=f"{r['forward_ms']:.0f}/{r['backward_ms']:.0f}/{r['optimizer_ms']:.0f}", ratio_wall=f"{r['ratio_wall']:.3f}",

@@ -160,8 +160,8 @@ _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int6
 def zero_masked_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Set ``tensor`` to exactly 0 where the bool ``keep`` is False, in place; returns ``tensor``.
 
-    Masked means exactly 0, NaN and inf included, so this never multiplies floats
-    by the mask (0 * NaN is NaN). A float tensor is multiplied as integers of the same width by the
+    Masked means exactly 0, NaN and inf included (docs/algorithms.md §1), so this never multiplies
+    floats by the mask (0 * NaN is NaN). A float tensor is multiplied as integers of the same width by the
     bool mask: ``bits * 1`` keeps every bit pattern, ``bits * 0`` is the pattern of +0.0. On CPU
     this is 2-3x faster than a float multiply by a bool mask and than ``masked_fill_``/``where``,
     and needs no float or inverted copy of the mask. ``keep`` has ``tensor``'s shape (storage
