@@ -217,22 +217,16 @@ def part_step(args, shapes: dict, build_model) -> tuple[list[dict], dict]:
 
 
 # --------------------------------------------------------------- masking kernels
-def _int_view(tensor):
-    import torch
-
-    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
-
-
 def _masking_kernels():
     """{name: (prepare(keep) -> operand, apply_(tensor, operand), extra bytes per weight held)}."""
     import torch
 
-    from hf_chts.layers import zero_masked_
+    from hf_chts.layers import bit_view, zero_masked_
 
     return {
         "tensor.mul_(bool mask) (hf_chts before)": (lambda keep: keep, lambda t, m: t.mul_(m), 0),
         "zero_masked_: int view * bool mask (hf_chts)": (lambda keep: keep, zero_masked_, 0),
-        "int view & int keep bits": (lambda keep: keep.to(torch.int32).neg_(), lambda t, m: _int_view(t).bitwise_and_(m), 4),
+        "int view & int keep bits": (lambda keep: keep.to(torch.int32).neg_(), lambda t, m: bit_view(t).bitwise_and_(m), 4),
         "tensor.mul_(float keep)": (lambda keep: keep.float(), lambda t, m: t.mul_(m), 4),
         "masked_fill_(inverted mask, 0)": (lambda keep: ~keep, lambda t, m: t.masked_fill_(m, 0), 1),
         "torch.where(mask, t, 0, out=t)": (lambda keep: keep, lambda t, m: torch.where(m, t, torch.zeros((), dtype=t.dtype), out=t), 0),
@@ -243,13 +237,15 @@ def _is_exact(prepare, apply_, generator) -> bool:
     """NaN/inf/-0.0 at masked positions must become +0.0 and live entries keep their bits."""
     import torch
 
+    from hf_chts.layers import bit_view
+
     tensor = torch.randn(64, 48, generator=generator)
     keep = torch.rand(64, 48, generator=generator) < 0.3
     specials = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])
     tensor[~keep] = specials[torch.arange(int((~keep).sum())) % 4]
-    expected = torch.where(keep, _int_view(tensor), 0)
+    expected = torch.where(keep, bit_view(tensor), 0)
     apply_(tensor, prepare(keep))
-    return torch.equal(_int_view(tensor), expected)
+    return torch.equal(bit_view(tensor), expected)
 
 
 def masking_rows(shape: dict, args) -> list[dict]:

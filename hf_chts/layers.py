@@ -156,6 +156,12 @@ def logical_shape_of(module: nn.Module) -> tuple[int, int]:
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def bit_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A float tensor's bit patterns as integers of the same width (a view), or None if it is not float."""
+    bits = _SAME_WIDTH_INT.get(tensor.element_size()) if tensor.is_floating_point() else None
+    return None if bits is None else tensor.view(bits)
+
+
 @torch.no_grad()
 def zero_masked_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Set ``tensor`` to exactly 0 where the bool ``keep`` is False, in place; returns ``tensor``.
@@ -170,9 +176,9 @@ def zero_masked_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     if is_dtensor(tensor):  # under no_grad, to_local() is the shard itself: in-place ops write the DTensor
         tensor = tensor.to_local()
         keep = keep.to_local() if is_dtensor(keep) else keep
-    bits = _SAME_WIDTH_INT.get(tensor.element_size()) if tensor.is_floating_point() else None
+    bits = bit_view(tensor)
     if bits is not None:
-        tensor.view(bits).mul_(keep)
+        bits.mul_(keep)
     else:  # integer, bool or complex tensors
         tensor.masked_fill_(~keep, 0)
     return tensor

@@ -9,15 +9,14 @@ import torch
 
 from hf_chts import SparsifyConfig, sparsify
 from hf_chts.engine import SparseTrainingEngine
-from hf_chts.layers import sparse_layers, zero_masked_
+from hf_chts.layers import bit_view, sparse_layers, zero_masked_
 
 SPECIALS = (float("nan"), float("inf"), float("-inf"), -0.0)
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
     """The raw bit patterns (compares NaN payloads and the sign of zero exactly)."""
-    return tensor.detach().contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32,
-                                               8: torch.int64}[tensor.element_size()])
+    return bit_view(tensor.detach().contiguous())
 
 
 def plant(tensor: torch.Tensor, where: torch.Tensor) -> None:
