@@ -284,6 +284,28 @@ def best_device() -> str:
     return "cpu"
 
 
+def check_device(device: str) -> str:
+    """``device`` if this machine has it; else ``ValueError`` naming the flag and the fix (before any loading)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device / --model-args device={device!r} is not a torch device "
+                         "(e.g. cpu, cuda, cuda:1, mps)") from error
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise ValueError(f"--device / --model-args device={device!r}: this machine has {count} CUDA device(s); "
+                             "pass --device cpu, or omit --device to use the best available device")
+    elif parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"--device / --model-args device={device!r}: MPS is not available on this machine; "
+                             "pass --device cpu, or omit --device to use the best available device")
+    return device
+
+
 MODEL_ARGS = ("dtype", "device")  # the --model-args keys hf-chts eval takes (lm-eval's names)
 
 
@@ -326,15 +348,20 @@ def eval_command(args) -> int:
     from .checkpointing.loading import load_sparse, resolve_checkpoint
 
     model_args = parse_model_args(getattr(args, "model_args", None))
-    device = model_args.get("device") or getattr(args, "device", None) or best_device()
+    device = check_device(model_args.get("device") or getattr(args, "device", None) or best_device())
     folder = resolve_checkpoint(args.checkpoint, revision=getattr(args, "revision", None))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as error:  # before the weights load; transformers' message names no fix
+        raise ValueError(f"{folder}: no loadable tokenizer in the checkpoint ({type(error).__name__}: {error}); "
+                         "save it there with hf_chts.save_sparse(model, folder, tokenizer=tokenizer) or "
+                         "tokenizer.save_pretrained(folder)") from error
     dtype = model_args.get("dtype")
     dtype_kwargs = {"dtype": dtype} if dtype else {}
     if getattr(args, "inference", False):  # sparse kernels, only live weights in memory (docs/inference.md)
         model = load_sparse(folder, inference=True, kernel=args.kernel, **dtype_kwargs)
     else:
         model = load_sparse(folder, **dtype_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     output = args.output_path or (str(folder) if Path(folder).is_dir() else str(Path.cwd()))
     tracker = EvaluationTracker(output_path=output)
     described = ",".join([f"pretrained={args.checkpoint}"] + [f"{k}={v}" for k, v in model_args.items()])
@@ -374,4 +401,4 @@ def finite_metrics(results: dict) -> dict[str, dict[str, float]]:
 
 
 __all__ = ["evaluate_model", "eval_command", "write_local_tasks", "make_task_manager", "sparsity_summary",
-           "jsonable_results", "results_table", "finite_metrics", "best_device", "parse_model_args"]
+           "jsonable_results", "results_table", "finite_metrics", "best_device", "check_device", "parse_model_args"]

@@ -6,6 +6,9 @@ import shutil
 
 import pytest
 import yaml
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
 
 from hf_chts import SparsifyConfig, save_sparse, sparsify
 from hf_chts import checkpoint as checkpoint_module
@@ -25,6 +28,8 @@ def checkpoints(tmp_path_factory):
     shutil.copytree(root / "good", truncated)
     weights = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    word_level = Tokenizer(WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))  # eval reads it before the weights
+    PreTrainedTokenizerFast(tokenizer_object=word_level).save_pretrained(truncated)
     broken_json = root / "broken-json"
     shutil.copytree(root / "good", broken_json)
     (broken_json / "sparsify_config.json").write_text("{", encoding="utf-8")
@@ -101,9 +106,31 @@ def test_eval_bad_inputs(checkpoints, tmp_path, capsys):
         (["eval", checkpoints / "good", "--tasks", "x", "--batch-size", "many"], ["--batch-size", "'many'"]),
         (["eval", tmp_path / "nowhere", "--tasks", "x"], ["nowhere"]),
         (["eval", checkpoints / "truncated", "--tasks", "x"], ["deserializing"]),
+        (["eval", checkpoints / "good", "--tasks", "x", "--device", "cpu"],  # save_sparse without tokenizer=
+         [str(checkpoints / "good"), "no loadable tokenizer", "tokenizer.save_pretrained"]),
+        (["eval", checkpoints / "good", "--tasks", "x", "--device", "gpu0"], ["'gpu0' is not a torch device"]),
+        (["eval", checkpoints / "good", "--tasks", "x", "--model-args", "device=cpu:x"], ["'cpu:x'"]),
     ]
     for argv, contains in cases:
         assert_one_line_error(capsys, argv, contains=contains)
+
+
+def test_eval_refuses_a_device_this_machine_lacks(checkpoints, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, wherever the test runs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for device in ("cuda", "cuda:1"):
+        assert_one_line_error(capsys, ["eval", checkpoints / "good", "--tasks", "x", "--device", device],
+                              contains=[f"device={device!r}", "0 CUDA device", "--device cpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU: cuda:1 is still absent
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert_one_line_error(capsys, ["eval", checkpoints / "good", "--tasks", "x", "--device", "cuda:1"],
+                          contains=["'cuda:1'", "1 CUDA device"])
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert_one_line_error(capsys, ["eval", checkpoints / "good", "--tasks", "x", "--device", "mps"],
+                          contains=["'mps'", "MPS is not available"])
 
 
 def test_top_level_bad_inputs(capsys):

@@ -80,3 +80,30 @@ def test_trainer_example_runs_and_reaches_the_target(tmp_path):
     assert [update["step"] for update in record["engine"]["history"]] == list(range(10, 71, 10))
     assert record["engine"]["history"][-1]["target_density"] == 0.3
     assert reloaded_density(tmp_path, "out/final") == "0.3"
+
+
+def undefined_names(code: str) -> set[str]:
+    """Names a code block reads that it never imports or assigns (and Python does not provide)."""
+    import ast
+    import builtins
+
+    tree = ast.parse(code)
+    bound = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)} - bound
+
+
+def test_every_python_block_is_self_contained():
+    """Blocks no test runs (they need the main command's output or the Hub) still parse and import what they use."""
+    blocks = python_blocks()
+    assert len(blocks) >= 4
+    for _comment, code in blocks:
+        assert not undefined_names(code), (undefined_names(code), code)
