@@ -34,19 +34,77 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
+FAKE_DICTIONARY_ENTRY = """{word} \\{word}"i*ty\\, n. [L. {{{word}us}}.]
+   1. The state of being {word}; a {word} thing, as {{seen}} in the {field}.
+      [1913 Webster]
+
+            The {word} of the {field} was seen afar.       --Milton.
+      [1913 Webster]
+
+"""
+
+
+def fake_dictionary(path, entries=400):
+    """A small dictd-style text (never the GCIDE data set): ``entries`` made-up entries."""
+    words = ["amber", "brook", "cinder", "dune", "ember", "fable", "glade", "harbor", "inlet", "juniper"]
+    fields = ["meadow", "valley", "river", "forest", "harbor"]
+    text = "00-database-info\n   made-up entries for a test\n\n" + "".join(
+        FAKE_DICTIONARY_ENTRY.format(word=f"{words[i % 10]}{i}", field=fields[i % 5]) for i in range(entries))
+    path.write_text(text)
+    return path
+
+
+def test_corpus_entries_are_cleaned_and_split_without_overlap(tmp_path):
+    corpus = load("_corpus")
+    entries = corpus.dictionary_entries(fake_dictionary(tmp_path / "dict.txt", entries=100).read_text())
+    assert len(entries) == 100  # the 00-database header entry is skipped
+    assert entries[3] == ("dune3 , n. [L. dune3us.] 1. The state of being dune3; a dune3 thing, as seen in the "
+                          "forest. The dune3 of the forest was seen afar. --Milton.")
+    splits = corpus.split_documents(entries, shards=20)
+    assert splits["val"] == entries[35:40] and splits["test"] == entries[85:90]  # shards 7 and 17 of 20
+    assert splits["train"] == entries[:35] + entries[40:85] + entries[90:]
+    with pytest.raises(FileNotFoundError, match="apt-get install dict-gcide"):
+        corpus.read_corpus_text(tmp_path / "missing.dict.dz")
+
+
+def test_paired_t_interval_and_pairing_by_seed():
+    report = load("_quality_report")
+    mean, low, high = report.t_interval([1.0, 2.0, 3.0])  # sd 1, n 3: half width 4.303 / sqrt(3)
+    assert mean == 2.0 and abs(high - low - 2 * 4.303 / 3 ** 0.5) < 1e-9
+    rows = [dict(method=m, density=d, seed=s, test_ppl=p) for m, d, s, p in [
+        ("chtss@1.0", 0.3, 0, 50.0), ("chtss@1.0", 0.3, 1, 52.0), ("chtss@1.0", 0.3, 2, 57.0),
+        ("chts", 0.3, 0, 51.0), ("chts", 0.3, 1, 55.0), ("dense", 1.0, 1, 60.0), ("dense", 1.0, 2, 58.0)]]
+    pairs = {(p["a"], p["b"]): p for p in report.paired_differences(rows)}
+    assert pairs[("chtss@1.0", "chts")]["seeds"] == [0, 1] and pairs[("chtss@1.0", "chts")]["diffs"] == [-1.0, -3.0]
+    assert pairs[("chtss@1.0", "dense")]["seeds"] == [1, 2] and pairs[("chtss@1.0", "dense")]["diffs"] == [-8.0, -1.0]
+    assert ("chtss@1.0", "set") not in pairs
+
+
+@pytest.mark.slow
 def test_quality_quick(tmp_path):
     quality = load("quality")
-    result = quality.main(["--quick", "--out", str(tmp_path), "--no-progress", "--fresh"])
-    rows = read_csv(tmp_path / "quality_quick.csv")
-    assert [(r["method"], float(r["density"])) for r in rows] == [("dense", 1.0), ("chtss", 0.3)]
-    for row in rows:
-        for key in ("ppl_mean", "ratio_to_dense", "anp", "final_density"):
-            assert math.isfinite(float(row[key])), (row["method"], key)
-    chtss = next(r for r in result["summary"] if r["method"] == "chtss")
-    assert abs(chtss["final_density"] - 0.3) < 1e-3 and chtss["updates"] >= 10
-    assert "chtss" in result["table"] and "ratio to dense" in result["table"]
-    data = json.loads((tmp_path / "quality_quick.json").read_text())
-    assert len(data["runs"]) == 2
+    corpus_file = fake_dictionary(tmp_path / "dict.txt")
+    argv = ["--quick", "--corpus", str(corpus_file), "--out", str(tmp_path / "out"), "--no-progress"]
+    result = quality.main(argv)
+    selection, tested = result["selection"], result["tested"]
+    assert len(selection) == 4  # dense and chtss@1.0, two learning rates each, selection seed 0
+    for method in ("dense", "chtss@1.0"):
+        rows = [r for r in selection if r["method"] == method]
+        best = min(rows, key=lambda r: r["val_loss"])["lr"]
+        density = 1.0 if method == "dense" else 0.3
+        assert result["chosen"][(method, density)] == best
+        assert sorted(r["seed"] for r in tested if r["method"] == method) == [0, 1]
+        assert all(r["lr"] == best for r in tested if r["method"] == method)
+    chtss = [r for r in tested if r["method"] == "chtss@1.0"]
+    assert all(abs(r["final_density"] - 0.3) < 1e-3 and r["updates"] >= 10 for r in chtss)
+    assert all(0 < u["removed_fraction"] <= 1 for r in chtss for u in r["update_log"])
+    assert all(math.isfinite(r["test_ppl"]) and len(r["curve"]) >= 3 for r in tested)
+    runs = (tmp_path / "out" / "quality_runs.jsonl").read_text().splitlines()
+    assert len(runs) == 6  # 4 selection runs + 2 new test runs (seed 0 at the chosen LR is reused)
+    assert quality.main(argv)["tested"] == tested  # a restart trains nothing and reports the same rows
+    assert (tmp_path / "out" / "quality_runs.jsonl").read_text().splitlines() == runs
+    assert (tmp_path / "out" / "curves_density0.3.png").stat().st_size > 1000
+    assert "chtss@1.0 − dense" in (tmp_path / "out" / "quality_table.txt").read_text()
 
 
 def test_speed_quick(tmp_path):

@@ -1,0 +1,191 @@
+"""Tables, paired confidence intervals and learning-curve plots of bench/quality.py."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+try:
+    from bench import _common as common
+except ImportError:  # run as a script: python bench/quality.py
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _common as common  # type: ignore
+
+# two-sided 95 % quantiles of Student's t by degrees of freedom
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+PAIRED = [("chtss@1.0", "chts"), ("chtss@1.0", "set"), ("chtss@1.0", "dense"),
+          ("chtss@0.5", "chts"), ("chtss@0.5", "set"), ("chtss@0.5", "dense")]
+
+
+def t_interval(differences: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high) of the 95 % t-interval of the mean; low = high = nan with fewer than 2 values."""
+    mean = statistics.mean(differences)
+    if len(differences) < 2:
+        return mean, float("nan"), float("nan")
+    half = T_975.get(len(differences) - 1, 1.96) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return mean, mean - half, mean + half
+
+
+def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return groups
+
+
+def selection_table(selection: list[dict], chosen: dict) -> str:
+    lrs = sorted({r["lr"] for r in selection})
+    rows = []
+    for (method, density), group in _by(selection, "method", "density").items():
+        by_lr = {r["lr"]: r for r in group}
+        row = dict(method=method, density=f"{density:.2f}", chosen=common.fmt(chosen.get((method, density)), "g"))
+        for lr in lrs:
+            row[f"lr{lr:g}"] = f"{by_lr[lr]['val_ppl']:.2f}" if lr in by_lr else "-"
+        rows.append(row)
+    columns = [("method", "method"), ("density", "density")] + [(f"lr{lr:g}", f"val ppl @ {lr:g}") for lr in lrs]
+    return common.table(rows, columns + [("chosen", "chosen LR")],
+                        "LR selection: validation perplexity of the selection seed (lowest wins)")
+
+
+def summarize(tested: list[dict]) -> list[dict]:
+    dense = [r["test_ppl"] for r in tested if r["method"] == "dense"]
+    dense_mean = statistics.mean(dense) if dense else float("nan")
+    summary = []
+    for (method, density), group in _by(tested, "method", "density").items():
+        ppl_mean, ppl_std = common.mean_std([r["test_ppl"] for r in group])
+        summary.append(dict(
+            method=method, density=density, lr=group[0]["lr"], seeds=len(group), test_ppl_mean=ppl_mean,
+            test_ppl_std=ppl_std, ratio_to_dense=ppl_mean / dense_mean,
+            train_loss_mean=common.mean_std([r["train_loss"] for r in group])[0],
+            val_ppl_mean=common.mean_std([r["val_ppl"] for r in group])[0],
+            final_density=common.mean_std([r["final_density"] for r in group])[0],
+            anp=common.mean_std([r["anp"] for r in group])[0], updates=group[0]["updates"],
+            train_s=common.mean_std([r["train_seconds"] for r in group])[0],
+            update_s=common.mean_std([r["update_seconds"] for r in group])[0],
+        ))
+    return sorted(summary, key=lambda s: (-s["density"], s["test_ppl_mean"]))
+
+
+def test_table(summary: list[dict]) -> str:
+    rows = [dict(method=s["method"], density=f"{s['density']:.2f}", lr=f"{s['lr']:g}", seeds=str(s["seeds"]),
+                 ppl=f"{s['test_ppl_mean']:.2f} ± {s['test_ppl_std']:.2f}", ratio=f"{s['ratio_to_dense']:.3f}",
+                 train=f"{s['train_loss_mean']:.3f}", final=f"{s['final_density']:.3f}", anp=f"{s['anp']:.3f}",
+                 updates=str(s["updates"]), secs=f"{s['train_s']:.0f}", upd=f"{s['update_s']:.1f}")
+            for s in summary]
+    columns = [("method", "method"), ("density", "density"), ("lr", "LR"), ("seeds", "seeds"),
+               ("ppl", "test ppl (mean ± std)"), ("ratio", "ratio to dense"), ("train", "train loss"),
+               ("final", "final density"), ("anp", "ANP"), ("updates", "updates"), ("secs", "train s/run"),
+               ("upd", "topo-update s/run")]
+    return common.table(rows, columns, "Test perplexity at each method's chosen LR (lower is better); "
+                                       "train loss = mean of the last 50 steps")
+
+
+def paired_differences(tested: list[dict]) -> list[dict]:
+    """Per-seed test-ppl differences a − b (same seed = same init and data order) and their 95 % t-interval."""
+    by_key = {(r["method"], r["density"], r["seed"]): r for r in tested}
+    densities = sorted({r["density"] for r in tested if r["method"] != "dense"}, reverse=True)
+    result = []
+    for density in densities:
+        for a, b in PAIRED:
+            density_b = 1.0 if b == "dense" else density
+            seeds = sorted(s for (m, d, s) in by_key if m == a and d == density and (b, density_b, s) in by_key)
+            if not seeds:
+                continue
+            diffs = [by_key[(a, density, s)]["test_ppl"] - by_key[(b, density_b, s)]["test_ppl"] for s in seeds]
+            mean, low, high = t_interval(diffs)
+            result.append(dict(a=a, b=b, density=density, seeds=seeds, diffs=diffs, mean=mean, low=low, high=high))
+    return result
+
+
+def paired_table(pairs: list[dict]) -> str:
+    rows = [dict(pair=f"{p['a']} − {p['b']}", density=f"{p['density']:.2f}",
+                 diffs=" / ".join(f"{d:+.2f}" for d in p["diffs"]), mean=f"{p['mean']:+.2f}",
+                 ci=f"[{p['low']:+.2f}, {p['high']:+.2f}]",
+                 verdict="a better" if p["high"] < 0 else "b better" if p["low"] > 0 else "no difference shown")
+            for p in pairs]
+    columns = [("pair", "pair (a − b)"), ("density", "density"), ("diffs", "per-seed Δ test ppl"),
+               ("mean", "mean Δ"), ("ci", "95% t-interval"), ("verdict", "verdict")]
+    return common.table(rows, columns, "Paired per-seed differences of test perplexity (negative: a is better)")
+
+
+def schedule_diagnostics(tested: list[dict]) -> list[dict]:
+    """Per method: the harshest update (largest fraction of live links cut), its step, LR and train loss."""
+    result = []
+    for (method, density), group in _by([r for r in tested if r.get("update_log")], "method", "density").items():
+        harshest = [max(r["update_log"], key=lambda u: u["removed_fraction"]) for r in group]
+        result.append(dict(
+            method=method, density=density,
+            mean_cut=statistics.mean(u["removed_fraction"] for r in group for u in r["update_log"]),
+            max_cut=statistics.mean(u["removed_fraction"] for u in harshest),
+            max_cut_step=statistics.median(u["step"] for u in harshest),
+            lr_at_max_cut=statistics.mean(u["lr"] for u in harshest),
+            loss_at_max_cut=statistics.mean(u["train_loss"] for u in harshest),
+            first_update_loss=statistics.mean(r["update_log"][0]["train_loss"] for r in group),
+        ))
+    return sorted(result, key=lambda d: (-d["density"], d["method"]))
+
+
+def diagnostics_table(diagnostics: list[dict]) -> str:
+    rows = [dict(method=d["method"], density=f"{d['density']:.2f}", mean_cut=f"{d['mean_cut']:.3f}",
+                 max_cut=f"{d['max_cut']:.3f}", step=f"{d['max_cut_step']:.0f}", lr=f"{d['lr_at_max_cut']:.2e}",
+                 loss=f"{d['loss_at_max_cut']:.3f}", first=f"{d['first_update_loss']:.3f}") for d in diagnostics]
+    columns = [("method", "method"), ("density", "density"), ("mean_cut", "mean cut/update"),
+               ("max_cut", "max cut/update"), ("step", "at step"), ("lr", "LR there"), ("loss", "train loss there"),
+               ("first", "train loss at 1st update")]
+    return common.table(rows, columns, "Topology schedule: fraction of live links cut per update "
+                                       "(scheduled pruning + removal; mean over test seeds)")
+
+
+def plot_curves(tested: list[dict], out: Path) -> list[Path]:
+    """One PNG per target density: validation and training loss vs step, mean over the test seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    dense = [r for r in tested if r["method"] == "dense"]
+    for density in sorted({r["density"] for r in tested if r["method"] != "dense"}, reverse=True):
+        figure, (val_axis, train_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+        groups = _by(dense + [r for r in tested if r["density"] == density and r["method"] != "dense"], "method")
+        for (method,), group in sorted(groups.items()):
+            steps = [p["step"] for p in group[0]["curve"]]
+            for axis, key in ((val_axis, "val_loss"), (train_axis, "train_loss")):
+                values = [statistics.mean(r["curve"][i][key] for r in group) for i in range(len(steps))]
+                axis.plot(steps, [math.exp(v) for v in values], marker="o", markersize=3,
+                          label=f"{method} (lr {group[0]['lr']:g}, {len(group)} seeds)",
+                          linestyle="--" if method == "dense" else "-")
+        for axis, name in ((val_axis, "validation"), (train_axis, "training (mean of the interval)")):
+            axis.set_yscale("log")
+            axis.set_xlabel("optimizer step")
+            axis.set_ylabel(f"{name} perplexity")
+            axis.grid(True, which="both", alpha=0.3)
+        val_axis.legend(fontsize=8)
+        figure.suptitle(f"bench/quality.py learning curves, target density {density:g} (mean over test seeds)")
+        figure.tight_layout()
+        path = out / f"curves_density{density:g}.png"
+        figure.savefig(path, dpi=90)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def write_report(out: Path, selection: list[dict], chosen: dict, tested: list[dict], budget: str,
+                 machine: dict) -> dict:
+    """Write quality_table.txt, quality.csv, quality.json and the curve PNGs into ``out``; return the text."""
+    summary = summarize(tested)
+    pairs = paired_differences(tested)
+    diagnostics = schedule_diagnostics(tested)
+    parts = [budget, selection_table(selection, chosen), test_table(summary), paired_table(pairs),
+             diagnostics_table(diagnostics)]
+    text = "\n\n".join(parts)
+    (out / "quality_table.txt").write_text(text + "\n", encoding="utf-8")
+    common.write_csv(out / "quality.csv", summary)
+    plots = plot_curves(tested, out) if tested else []
+    common.write_json(out / "quality.json", dict(
+        budget=budget, machine=machine, chosen_lr=[dict(method=m, density=d, lr=lr) for (m, d), lr in chosen.items()],
+        summary=summary, paired=pairs, diagnostics=diagnostics))
+    return dict(text=text, summary=summary, paired=pairs, diagnostics=diagnostics, plots=plots)
