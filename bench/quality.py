@@ -270,6 +270,11 @@ def configurations(args) -> list[tuple[str, float]]:
     return pairs + [(m, d) for d in args.densities for m in args.methods if m != "dense"]
 
 
+def choose_lr(rows: list[dict]) -> float:
+    """The learning rate of the run with the lowest validation loss (the test split is never looked at)."""
+    return min(rows, key=lambda row: row["val_loss"])["lr"]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
@@ -312,7 +317,7 @@ def main(argv=None) -> dict:
         rows = [r for lr in args.lrs if (r := run(method, density, args.select_seed, lr)) is not None]
         selection.extend(rows)
         if len(rows) == len(args.lrs):
-            chosen[(method, density)] = min(rows, key=lambda r: r["val_loss"])["lr"]
+            chosen[(method, density)] = choose_lr(rows)
     for seed in args.seeds:  # phase 2: every test seed at the chosen LR
         for (method, density), lr in chosen.items():
             if (row := run(method, density, seed, lr)) is not None:

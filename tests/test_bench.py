@@ -80,6 +80,13 @@ def test_paired_t_interval_and_pairing_by_seed():
     assert ("chtss@1.0", "set") not in pairs
 
 
+def test_learning_rate_is_chosen_on_validation_loss_only():
+    quality = load("quality")
+    rows = [dict(lr=1e-3, val_loss=4.0, test_loss=3.0), dict(lr=3e-3, val_loss=3.5, test_loss=3.9),
+            dict(lr=1e-2, val_loss=3.7, test_loss=2.0)]
+    assert quality.choose_lr(rows) == 3e-3
+
+
 @pytest.mark.slow
 def test_quality_quick(tmp_path):
     quality = load("quality")
