@@ -264,10 +264,12 @@ def run_key(args, method: str, density: float, seed: int, lr: float) -> str:
     return f"{budget_key(args)}|{method}|{1.0 if method == 'dense' else density}|{seed}|lr{lr:g}"
 
 
-def configurations(args) -> list[tuple[str, float]]:
-    """(method, density) pairs; dense once."""
-    pairs = [("dense", 1.0)] if "dense" in args.methods else []
-    return pairs + [(m, d) for d in args.densities for m in args.methods if m != "dense"]
+def configurations(args) -> list[list[tuple[str, float]]]:
+    """(method, density) pairs grouped by target density (dense once, in the first group)."""
+    groups = [[(m, d) for m in args.methods if m != "dense"] for d in args.densities]
+    if "dense" in args.methods:
+        groups[0].insert(0, ("dense", 1.0))
+    return groups
 
 
 def choose_lr(rows: list[dict]) -> float:
@@ -312,16 +314,18 @@ def main(argv=None) -> dict:
                   f"({row['updates']} updates)", flush=True)
         return done[key]
 
+    # one target density after the other, so an interrupted grid leaves the first densities complete
     selection, chosen, tested = [], {}, []
-    for method, density in configurations(args):  # phase 1: the LR grid with the selection seed
-        rows = [r for lr in args.lrs if (r := run(method, density, args.select_seed, lr)) is not None]
-        selection.extend(rows)
-        if len(rows) == len(args.lrs):
-            chosen[(method, density)] = choose_lr(rows)
-    for seed in args.seeds:  # phase 2: every test seed at the chosen LR
-        for (method, density), lr in chosen.items():
-            if (row := run(method, density, seed, lr)) is not None:
-                tested.append(row)
+    for group in configurations(args):
+        for method, density in group:  # phase 1: the LR grid with the selection seed
+            rows = [r for lr in args.lrs if (r := run(method, density, args.select_seed, lr)) is not None]
+            selection.extend(rows)
+            if len(rows) == len(args.lrs):
+                chosen[(method, density)] = choose_lr(rows)
+        for seed in args.seeds:  # phase 2: every test seed at the chosen LR
+            for method, density in group:
+                if (method, density) in chosen and (row := run(method, density, seed, chosen[(method, density)])):
+                    tested.append(row)
     result = report.write_report(args.out, selection, chosen, tested, budget, common.machine_info())
     print()
     print(result["text"])
