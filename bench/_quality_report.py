@@ -47,7 +47,8 @@ def selection_table(selection: list[dict], chosen: dict) -> str:
         rows.append(row)
     columns = [("method", "method"), ("density", "density")] + [(f"lr{lr:g}", f"val ppl @ {lr:g}") for lr in lrs]
     return common.table(rows, columns + [("chosen", "chosen LR")],
-                        "LR selection: validation perplexity of the selection seed (lowest wins)")
+                        "LR selection: validation perplexity of the selection seed (lowest of the grid wins; "
+                        "a column outside the grid is shown when such a run exists)")
 
 
 def summarize(tested: list[dict]) -> list[dict]:
@@ -113,6 +114,13 @@ def paired_table(pairs: list[dict]) -> str:
 
 def schedule_diagnostics(tested: list[dict]) -> list[dict]:
     """Per method: the harshest update (largest fraction of live links cut), its step, LR and train loss."""
+    dense = {r["seed"]: r for r in tested if r["method"] == "dense"}
+
+    def dense_loss_at(seed: int, step: int) -> float:  # the dense run's train loss at the nearest curve point
+        if seed not in dense:
+            return float("nan")
+        return min(dense[seed]["curve"], key=lambda p: abs(p["step"] - step))["train_loss"]
+
     result = []
     for (method, density), group in _by([r for r in tested if r.get("update_log")], "method", "density").items():
         harshest = [max(r["update_log"], key=lambda u: u["removed_fraction"]) for r in group]
@@ -123,6 +131,7 @@ def schedule_diagnostics(tested: list[dict]) -> list[dict]:
             max_cut_step=statistics.median(u["step"] for u in harshest),
             lr_at_max_cut=statistics.mean(u["lr"] for u in harshest),
             loss_at_max_cut=statistics.mean(u["train_loss"] for u in harshest),
+            dense_loss_there=statistics.mean(dense_loss_at(r["seed"], u["step"]) for r, u in zip(group, harshest)),
             first_update_loss=statistics.mean(r["update_log"][0]["train_loss"] for r in group),
         ))
     return sorted(result, key=lambda d: (-d["density"], d["method"]))
@@ -131,9 +140,10 @@ def schedule_diagnostics(tested: list[dict]) -> list[dict]:
 def diagnostics_table(diagnostics: list[dict]) -> str:
     rows = [dict(method=d["method"], density=f"{d['density']:.2f}", mean_cut=f"{d['mean_cut']:.3f}",
                  max_cut=f"{d['max_cut']:.3f}", step=f"{d['max_cut_step']:.0f}", lr=f"{d['lr_at_max_cut']:.2e}",
-                 loss=f"{d['loss_at_max_cut']:.3f}", first=f"{d['first_update_loss']:.3f}") for d in diagnostics]
+                 loss=f"{d['loss_at_max_cut']:.3f}", dense=f"{d['dense_loss_there']:.3f}",
+                 first=f"{d['first_update_loss']:.3f}") for d in diagnostics]
     columns = [("method", "method"), ("density", "density"), ("mean_cut", "mean cut/update"),
-               ("max_cut", "max cut/update"), ("step", "at step"), ("lr", "LR there"), ("loss", "train loss there"),
+               ("max_cut", "max cut/update"), ("step", "at step"), ("lr", "LR there"), ("loss", "train loss there"), ("dense", "dense's there"),
                ("first", "train loss at 1st update")]
     return common.table(rows, columns, "Topology schedule: fraction of live links cut per update "
                                        "(scheduled pruning + removal; mean over test seeds)")
