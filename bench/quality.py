@@ -105,7 +105,7 @@ def build_model(args, vocab: int, seed: int):
     config = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.seq,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=args.init_std,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -235,6 +235,7 @@ def parse_args(argv=None):
     parser.add_argument("--updates", type=int, default=40, help="minimum number of topology updates (sets Δ)")
     parser.add_argument("--zeta", type=float, default=0.1, help="removal fraction ζ")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    parser.add_argument("--init-std", type=float, default=0.02, help="std of the initial weights (LlamaConfig.initializer_range)")
     parser.add_argument("--eval-blocks", type=int, default=128, help="blocks of the val/test splits evaluated")
     parser.add_argument("--curve-blocks", type=int, default=16, help="val blocks of each learning-curve point")
     parser.add_argument("--curve-points", type=int, default=10)
@@ -258,7 +259,7 @@ def budget_key(args) -> str:
     """Everything that makes two runs comparable; part of every run's resume key."""
     return (f"h{args.hidden}f{args.ffn}l{args.layers}a{args.heads}s{args.seq}b{args.batch}v{args.vocab}"
             f"|T{args.steps}d{update_interval(args)}z{args.zeta}c{args.clip}|{Path(args.corpus).name}"
-            f"|e{args.eval_blocks}")
+            f"|e{args.eval_blocks}" + (f"|init{args.init_std:g}" if args.init_std != 0.02 else ""))
 
 
 def run_key(args, method: str, density: float, seed: int, lr: float) -> str:
