@@ -5,7 +5,6 @@ These are smoke tests, not benchmarks: tiny shapes, a few steps, output into tmp
 
 import csv
 import importlib.util
-import json
 import math
 import sys
 from pathlib import Path
