@@ -113,38 +113,44 @@ def paired_table(pairs: list[dict]) -> str:
 
 
 def schedule_diagnostics(tested: list[dict]) -> list[dict]:
-    """Per method: the harshest update (largest fraction of live links cut), its step, LR and train loss."""
+    """Per method: updates while the density is still ≥ 0.9 and the share of links each cut, and the harshest
+    update (largest fraction of live links cut) with its step, LR and training loss beside dense's."""
     dense = {r["seed"]: r for r in tested if r["method"] == "dense"}
 
     def dense_loss_at(seed: int, step: int) -> float:  # the dense run's train loss at the nearest curve point
-        if seed not in dense:
+        if seed not in dense or step < dense[seed]["curve"][0]["step"] / 2:
             return float("nan")
         return min(dense[seed]["curve"], key=lambda p: abs(p["step"] - step))["train_loss"]
 
     result = []
     for (method, density), group in _by([r for r in tested if r.get("update_log")], "method", "density").items():
         harshest = [max(r["update_log"], key=lambda u: u["removed_fraction"]) for r in group]
+        near_dense = [[u for u in r["update_log"] if u["density"] >= 0.9] for r in group]  # dense-phase updates
         result.append(dict(
             method=method, density=density,
+            dense_phase_updates=statistics.mean(len(updates) for updates in near_dense),
+            dense_phase_cut=statistics.mean(u["removed_fraction"] for us in near_dense for u in us)
+            if any(near_dense) else float("nan"),
             mean_cut=statistics.mean(u["removed_fraction"] for r in group for u in r["update_log"]),
             max_cut=statistics.mean(u["removed_fraction"] for u in harshest),
             max_cut_step=statistics.median(u["step"] for u in harshest),
             lr_at_max_cut=statistics.mean(u["lr"] for u in harshest),
             loss_at_max_cut=statistics.mean(u["train_loss"] for u in harshest),
             dense_loss_there=statistics.mean(dense_loss_at(r["seed"], u["step"]) for r, u in zip(group, harshest)),
-            first_update_loss=statistics.mean(r["update_log"][0]["train_loss"] for r in group),
         ))
     return sorted(result, key=lambda d: (-d["density"], d["method"]))
 
 
 def diagnostics_table(diagnostics: list[dict]) -> str:
     rows = [dict(method=d["method"], density=f"{d['density']:.2f}", mean_cut=f"{d['mean_cut']:.3f}",
+                 phase=f"{d['dense_phase_updates']:.0f}", phase_cut=common.fmt(d["dense_phase_cut"], ".3f"),
                  max_cut=f"{d['max_cut']:.3f}", step=f"{d['max_cut_step']:.0f}", lr=f"{d['lr_at_max_cut']:.2e}",
-                 loss=f"{d['loss_at_max_cut']:.3f}", dense=f"{d['dense_loss_there']:.3f}",
-                 first=f"{d['first_update_loss']:.3f}") for d in diagnostics]
+                 loss=f"{d['loss_at_max_cut']:.3f}", dense=common.fmt(d["dense_loss_there"], ".3f"))
+            for d in diagnostics]
     columns = [("method", "method"), ("density", "density"), ("mean_cut", "mean cut/update"),
-               ("max_cut", "max cut/update"), ("step", "at step"), ("lr", "LR there"), ("loss", "train loss there"), ("dense", "dense's there"),
-               ("first", "train loss at 1st update")]
+               ("phase", "updates at density ≥ 0.9"), ("phase_cut", "cut/update there"),
+               ("max_cut", "max cut/update"), ("step", "at step"), ("lr", "LR there"), ("loss", "train loss there"),
+               ("dense", "dense's train loss there")]
     return common.table(rows, columns, "Topology schedule: fraction of live links cut per update "
                                        "(scheduled pruning + removal; mean over test seeds)")
 
