@@ -192,6 +192,7 @@ def run_one(args, data, method: str, density: float, seed: int, lr: float, progr
             if stats is not None:  # links cut by this update (scheduled pruning + removal) / live links before it
                 updates.append(dict(step=stats.step, density=stats.density, removed=stats.removed,
                                     removed_fraction=stats.removed / max(1, live_before), lr=lr_now,
+                                    regrown_in_place=stats.overlap,  # share of regrown links that were just cut
                                     train_loss=sum(losses[-curve_every:]) / len(losses[-curve_every:])))
         if (step + 1) % curve_every == 0 or step + 1 == args.steps:
             curve.append(dict(step=step + 1, train_loss=sum(losses[-curve_every:]) / len(losses[-curve_every:]),
