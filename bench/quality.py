@@ -225,6 +225,9 @@ def parse_args(argv=None):
                         help="learning-rate grid (1e-3 was dropped for time: dense at 1e-3 was 15 ppl worse than at 3e-3)")
     parser.add_argument("--select-seed", type=int, default=0, help="seed of the LR-selection runs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds reported on the test split")
+    parser.add_argument("--select-density", type=float, default=None,
+                        help="choose each method's LR at this target density only and reuse it at the others "
+                             "(default: choose at every density)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
@@ -253,6 +256,8 @@ def parse_args(argv=None):
         args.methods = args.methods or ["dense", "chtss@1.0"]
         args.densities, args.lrs, args.seeds = args.densities[:1], args.lrs[:2], [0, 1]
     args.methods = args.methods or list(DEFAULT_METHODS)
+    if args.select_density is not None and args.select_density != args.densities[0]:
+        parser.error(f"--select-density {args.select_density} must be the first of --densities {args.densities}")
     return args
 
 
@@ -321,6 +326,10 @@ def main(argv=None) -> dict:
     selection, chosen, tested = [], {}, []
     for group in configurations(args):
         for method, density in group:  # phase 1: the LR grid with the selection seed
+            if args.select_density is not None and density not in (1.0, args.select_density):
+                if (method, args.select_density) in chosen:  # reuse the LR chosen at --select-density
+                    chosen[(method, density)] = chosen[(method, args.select_density)]
+                continue
             rows = [r for lr in args.lrs if (r := run(method, density, args.select_seed, lr)) is not None]
             prefix = run_key(args, method, density, args.select_seed, 0.0).rsplit("|", 1)[0] + "|"
             off_grid = [row for key, row in done.items() if key.startswith(prefix) and row["lr"] not in args.lrs]
