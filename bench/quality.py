@@ -47,10 +47,10 @@ METHODS = {
     "chtss@1.0": ("chtss", 1.0),  # this package's default: decay from a dense start
     "chtss@0.5": ("chtss", 0.5),  # the CHTss paper's start
     "gmp": ("gmp", 1.0),
-    "gmp@0.5": ("gmp", 0.5),  # not in the default grid: the start-density knob for GMP too
+    "gmp@0.5": ("gmp", 0.5),  # the start-density knob for GMP too
     "cht": ("cht", None),  # not in the default grid: path-based CH3-L3 is slow
 }
-DEFAULT_METHODS = ["dense", "set", "rigl", "chts", "chtss@1.0", "chtss@0.5", "gmp"]
+DEFAULT_METHODS = ["dense", "set", "rigl", "chts", "chtss@1.0", "chtss@0.5", "gmp", "gmp@0.5"]
 
 
 # ------------------------------------------------------------------ data
