@@ -166,7 +166,8 @@ def run_one(args, data, method: str, density: float, seed: int, lr: float, progr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
     if config is not None:
         engine = SparseTrainingEngine(model, total_steps=args.steps, optimizer=optimizer)
-        total_links = sparsity_report(model).total_links
+        report = sparsity_report(model)
+        total_links, live_links = report.total_links, report.live_links  # masks change only at updates
     # the data order depends on the seed only: a permutation of the training blocks (no repeats)
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(10_000 + seed))
     needed = args.steps * args.batch
@@ -187,13 +188,13 @@ def run_one(args, data, method: str, density: float, seed: int, lr: float, progr
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if engine is not None:
-            live_before = sparsity_report(model).live_links if engine.is_update_step(step + 1) else None
             stats = engine.step()
             if stats is not None:  # links cut by this update (scheduled pruning + removal) / live links before it
                 updates.append(dict(step=stats.step, density=stats.density, removed=stats.removed,
-                                    removed_fraction=stats.removed / max(1, live_before), lr=lr_now,
+                                    removed_fraction=stats.removed / max(1, live_links), lr=lr_now,
                                     regrown_in_place=stats.overlap,  # share of regrown links that were just cut
                                     train_loss=sum(losses[-curve_every:]) / len(losses[-curve_every:])))
+                live_links = sparsity_report(model).live_links
         if (step + 1) % curve_every == 0 or step + 1 == args.steps:
             curve.append(dict(step=step + 1, train_loss=sum(losses[-curve_every:]) / len(losses[-curve_every:]),
                               val_loss=evaluate(model, data["curve"], args.batch)))

@@ -86,7 +86,6 @@ def test_learning_rate_is_chosen_on_validation_loss_only():
     assert quality.choose_lr(rows) == 3e-3
 
 
-@pytest.mark.slow
 def test_quality_quick(tmp_path):
     quality = load("quality")
     corpus_file = fake_dictionary(tmp_path / "dict.txt")
@@ -103,7 +102,12 @@ def test_quality_quick(tmp_path):
         assert all(r["lr"] == best for r in tested if r["method"] == method)
     chtss = [r for r in tested if r["method"] == "chtss@1.0"]
     assert all(abs(r["final_density"] - 0.3) < 1e-3 and r["updates"] >= 10 for r in chtss)
-    assert all(0 < u["removed_fraction"] <= 1 for r in chtss for u in r["update_log"])
+    for run in chtss:  # removed_fraction = links cut / links live just before that update
+        before = [run["initial_density"]] + [u["density"] for u in run["update_log"]]
+        for density, update in zip(before, run["update_log"]):
+            assert 0 < update["removed_fraction"] <= 1
+            live_before = density * run["total_links"]
+            assert abs(update["removed_fraction"] * live_before - update["removed"]) <= 1e-6 * update["removed"] + 1e-6
     assert all(math.isfinite(r["test_ppl"]) and len(r["curve"]) >= 3 for r in tested)
     runs = (tmp_path / "out" / "quality_runs.jsonl").read_text().splitlines()
     assert len(runs) == 6  # 4 selection runs + 2 new test runs (seed 0 at the chosen LR is reused)
