@@ -1,7 +1,7 @@
 """Method comparison: test perplexity of a small LLaMA trained sparse from scratch by every method,
 with each method's learning rate chosen on a validation split (bench/README.md §1 has the results).
 
-    python bench/quality.py                              # the full protocol (≈ 1.5 h on one busy core)
+    python bench/quality.py                              # the full protocol (63 runs: ≈ 2 h on one busy core)
     python bench/quality.py --report-only                # tables + plots from the runs already done
     python bench/quality.py --quick --corpus FILE --out /tmp/q   # smoke run on a small dictd-style file
 
