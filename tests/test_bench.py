@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # benchmark smoke runs: the slow tier
+# benchmark smoke runs (they train) are in the slow tier; the pure helpers' unit tests stay in the default tier
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -86,6 +86,7 @@ def test_learning_rate_is_chosen_on_validation_loss_only():
     assert quality.choose_lr(rows) == 3e-3
 
 
+@pytest.mark.slow
 def test_quality_quick(tmp_path):
     quality = load("quality")
     corpus_file = fake_dictionary(tmp_path / "dict.txt")
@@ -117,6 +118,7 @@ def test_quality_quick(tmp_path):
     assert "chtss@1.0 − dense" in (tmp_path / "out" / "quality_table.txt").read_text()
 
 
+@pytest.mark.slow
 def test_speed_quick(tmp_path):
     speed = load("speed")
     result = speed.main(["--quick", "--out", str(tmp_path), "--no-progress"])["results"]
@@ -149,6 +151,7 @@ def test_speed_quick(tmp_path):
     assert (tmp_path / "speed_quick.txt").read_text().strip()
 
 
+@pytest.mark.slow
 def test_regrowth_task_quick(tmp_path):
     task = load("regrowth_task")
     result = task.main(["--quick", "--out", str(tmp_path), "--no-progress"])
@@ -160,6 +163,7 @@ def test_regrowth_task_quick(tmp_path):
     assert all(r["updates"] > 0 for r in result["runs"])
 
 
+@pytest.mark.slow
 def test_inference_quick(tmp_path):
     inference = load("inference")
     result = inference.main(["--quick", "--out", str(tmp_path), "--no-progress"])
@@ -176,6 +180,7 @@ def test_inference_quick(tmp_path):
         assert (tmp_path / name).exists(), name
 
 
+@pytest.mark.slow
 def test_train_step_contenders_time_the_same_masked_layers():
     """One round of the step comparison on a tiny LLaMA (every contender, one optimizer)."""
     import argparse
