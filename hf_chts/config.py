@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,7 +332,13 @@ class SparsifyConfig(ConfigHubMixin):
         choice("budget_rounding", BUDGET_ROUNDINGS)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
-            if value is None or isinstance(value, str):
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except (re.error, RecursionError, OverflowError) as error:
+                    _fail(name, value, f"not a valid regular expression ({error})")
+                continue
+            if value is None:
                 continue
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 _fail(name, value, "expected None, a regex string, or a list of module names/suffixes")

@@ -345,13 +345,14 @@ def eval_command(args) -> int:
     from lm_eval.loggers import EvaluationTracker
     from transformers import AutoTokenizer
 
-    from .checkpointing.loading import load_sparse, resolve_checkpoint
+    from .checkpointing.loading import load_sparse, resolve_checkpoint, verified_record
 
     model_args = parse_model_args(getattr(args, "model_args", None))
     device = check_device(model_args.get("device") or getattr(args, "device", None) or best_device())
     folder = resolve_checkpoint(args.checkpoint, revision=getattr(args, "revision", None))
+    verified_record(folder)  # every file from one save, regular files only, before the tokenizer opens any
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as error:  # before the weights load; transformers' message names no fix
         raise ValueError(f"{folder}: no loadable tokenizer in the checkpoint ({type(error).__name__}: {error}); "
                          "save it there with hf_chts.save_sparse(model, folder, tokenizer=tokenizer) or "

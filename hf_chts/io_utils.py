@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename.
+"""File I/O helpers: atomic writes (a temp file in the same folder, fsync, then rename), reading
+only regular files and bounded JSON objects, ``fsync`` of files and folders.
 
 A crash or an exception in the middle of a save leaves the previous file
 intact instead of a truncated one.
@@ -7,6 +8,7 @@ intact instead of a truncated one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -50,3 +52,56 @@ def looks_like_local_path(text: str) -> bool:
     Hub ids never start with ``.``, ``/`` or ``~``, hold at most one ``/`` and no ``\\``.
     """
     return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def require_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` if it is a regular file (symlinks followed); ``ValueError`` naming it otherwise.
+
+    Uses ``os.stat`` + ``stat.S_ISREG`` *before* any ``open``: a FIFO, socket,
+    device or folder in place of a checkpoint file is refused instead of
+    blocking the process or failing with a raw ``IsADirectoryError``.
+    """
+    import stat
+
+    file = Path(path)
+    try:
+        mode = os.stat(file).st_mode
+    except FileNotFoundError as error:
+        raise ValueError(f"{file}: the {what} is missing (or a broken symlink); copy the complete checkpoint") from error
+    except OSError as error:
+        raise ValueError(f"{file}: cannot stat the {what} ({error})") from error
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ValueError(f"{file}: the {what} is {kind}; a checkpoint holds regular files only — replace it with the "
+                         "file written by the save")
+    return file
+
+
+def read_json_object(path: str | os.PathLike, *, max_bytes: int = 64 * 2**20, what: str = "JSON file") -> dict:
+    """A JSON object read from a regular file of at most ``max_bytes``; ``ValueError`` naming the file otherwise
+    (not a regular file, too large, not UTF-8, invalid or too deeply nested JSON, not an object)."""
+    file = require_regular_file(path, what)
+    size = os.stat(file).st_size
+    if size > max_bytes:
+        raise ValueError(f"{file}: the {what} is {size} bytes, more than the {max_bytes} this reader accepts; it is "
+                         "not the file hf_chts wrote")
+    try:
+        with open(file, "rb") as handle:
+            value = json.loads(handle.read(max_bytes + 1).decode("utf-8"))
+    except RecursionError as error:
+        raise ValueError(f"{file}: the {what} is nested too deeply to parse; it is corrupted or hostile") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not valid JSON ({error}); it is truncated or corrupted — re-save it") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: the {what} holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """``fsync`` a file or a folder (a folder's entries: renames into it become durable)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

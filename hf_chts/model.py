@@ -134,6 +134,21 @@ def check_untied(model: nn.Module, selected: dict[str, nn.Module]) -> None:
             )
 
 
+def modules_named(model: nn.Module, names) -> dict[str, nn.Module]:
+    """The linear modules of ``model`` with exactly these ``names`` (no pattern is run: names come from a
+    checkpoint); ``ValueError`` naming the first name that is not a linear module of ``model``."""
+    modules = dict(model.named_modules())
+    selected = {}
+    for name in sorted(names):
+        module = modules.get(name)
+        if module is None or not is_linear_like(module):
+            kind = "no module" if module is None else f"a {type(module).__name__}, not a linear module"
+            raise ValueError(f"{name!r} is {kind} of this {type(model).__name__}")
+        selected[name] = module
+    check_untied(model, selected)  # a checkpoint's mask on a tied weight would zero the embedding too
+    return selected
+
+
 def layer_generator(seed: int, name: str) -> torch.Generator:
     """A CPU generator seeded from the run seed and the layer name (order independent, same on every rank)."""
     generator = torch.Generator()
@@ -227,8 +242,9 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
         model: a ``transformers.PreTrainedModel`` (or any ``nn.Module`` with linears).
         config: the :class:`SparsifyConfig` (default: CHTss to 30%).
         calibration_batch: model inputs (dict or tensor) for ``init='csti'``.
-        masks: explicit masks by module name (used when loading a checkpoint);
-            skips the initial topology construction.
+        masks: explicit masks by module name (used when loading a checkpoint):
+            exactly these modules are sparsified (``target_modules`` is not
+            evaluated) and the initial topology construction is skipped.
 
     Returns:
         The same ``model`` object; ``state_dict()`` keys are unchanged and the
@@ -245,15 +261,11 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
         attach_state(model, SparseModelState(config, ModelTopology("dense", {}, [], [], True)))
         logger.info("hf_chts: method 'dense' keeps every layer dense; nothing patched")
         return model
-    modules = select_modules(model, config)
+    # explicit masks (a checkpoint) name their modules: the config's target_modules pattern is not run
+    modules = select_modules(model, config) if masks is None else modules_named(model, masks)
     topology = build_topology(model, modules)
     if masks is None:
         masks = initial_masks(model, config, topology, modules, calibration_batch)
-    else:
-        missing = sorted(set(modules) - set(masks))
-        extra = sorted(set(masks) - set(modules))
-        if missing or extra:
-            raise ValueError(f"masks do not match the selected layers: missing {missing[:5]}, unexpected {extra[:5]}")
     for name, module in modules.items():
         layer = convert_to_sparse(module, name, masks[name])
         if config.reinit_weights and not bool(layer.mask.all()):

@@ -42,3 +42,37 @@ def tiny_model(model_type: str, seed: int = 0):
 @pytest.fixture
 def make_tiny_model():
     return tiny_model
+
+
+def reseal_checkpoint(folder):
+    """Make a hand-edited checkpoint folder self-consistent again, as a careful hostile tool would: the save id of
+    sparsify_config.json goes into the safetensors metadata of the hf_chts files and the manifest is recomputed.
+    Tests use it to reach the checks behind the save-id/manifest check."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hf_chts.checkpointing.manifest import build_manifest
+
+    folder = Path(folder)
+    record = json.loads((folder / "sparsify_config.json").read_text())
+    for name in ("sparsity.safetensors", "sparse_weights.safetensors"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            with safe_open(str(path), "pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception:  # noqa: BLE001 - garbage stays garbage
+            continue
+        save_file(tensors, str(path), metadata={**metadata, "save_id": record["save_id"]})
+    record["manifest"] = build_manifest(folder, sorted(record["manifest"]))
+    (folder / "sparsify_config.json").write_text(json.dumps(record))
+
+
+@pytest.fixture
+def reseal():
+    return reseal_checkpoint

@@ -119,14 +119,14 @@ def test_mask_file_format(make_tiny_model, tmp_path):
         key = "transformer.h.0.attn.c_attn.weight"  # Conv1D stored in x out; mask is logical out x in
         packed = handle.get_tensor(key)
     shapes = json.loads(metadata["shapes"])
-    assert metadata["hf_chts_format_version"] == "1"
+    assert metadata["hf_chts_format_version"] == "2"
     assert shapes[key] == [192, 64] and packed.dtype == torch.uint8 and list(packed.shape) == [192, 8]
     layer = sparse_layers(model)["transformer.h.0.attn.c_attn"]
     assert torch.equal(unpack_mask(packed, shapes[key]), layer.mask)
     odd = torch.rand(5, 13) > 0.5  # last dim not a multiple of 8
     assert torch.equal(unpack_mask(pack_mask(odd), [5, 13]), odd)
     record = json.loads((tmp_path / CONFIG_FILE).read_text())
-    assert record["format_version"] == 1 and record["config"]["target_density"] == DENSITY
+    assert record["format_version"] == 2 and record["config"]["target_density"] == DENSITY
     assert record["engine"] is None and record["weights_format"] == "dense"
 
 
@@ -215,22 +215,24 @@ def _saved(make_tiny_model, tmp_path, model_type="llama", compact=False):
 
 
 @pytest.mark.parametrize("filename", [SPARSITY_FILE, SPARSE_WEIGHTS_FILE])
-def test_garbage_and_truncated_files_raise(make_tiny_model, tmp_path, filename):
+def test_garbage_and_truncated_files_raise(make_tiny_model, tmp_path, filename, reseal):
+    """Each damage is caught by the manifest, and, with a manifest rewritten to match, by the file's own checks."""
     _, folder = _saved(make_tiny_model, tmp_path, compact=True)
     target = folder / filename
     original = target.read_bytes()
-    target.write_bytes(b"\x13garbage" * 64)
-    with pytest.raises(ValueError, match=filename):
-        load_sparse(folder)
-    target.write_bytes(original[: len(original) // 2])
-    with pytest.raises(ValueError, match=filename):
-        load_sparse(folder)
+    backup = shutil.copytree(folder, tmp_path / "backup")
     corrupted = bytearray(original)  # header intact, payload bytes flipped: caught by the crc32
     corrupted[-3] ^= 0xFF
-    target.write_bytes(bytes(corrupted))
-    with pytest.raises(ValueError, match=f"{filename}.*(crc32|corrupted)"):
-        load_sparse(folder)
-    target.write_bytes(original)
+    for damaged, message in [(b"\x13garbage" * 64, filename), (original[: len(original) // 2], filename),
+                             (bytes(corrupted), f"{filename}.*(crc32|corrupted)")]:
+        target.write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"mixes files.*{filename}"):
+            load_sparse(folder)
+        reseal(folder)
+        with pytest.raises(ValueError, match=message):
+            load_sparse(folder)
+        shutil.rmtree(folder)
+        shutil.copytree(backup, folder)
     load_sparse(folder)
 
 
@@ -244,15 +246,18 @@ def test_corrupted_config_json_raises(make_tiny_model, tmp_path):
         load_sparse(folder)
 
 
-def test_masks_from_another_model_raise(make_tiny_model, tmp_path):
+def test_masks_from_another_model_raise(make_tiny_model, tmp_path, reseal):
     _, llama = _saved(make_tiny_model, tmp_path, "llama")
     _, gpt2 = _saved(make_tiny_model, tmp_path, "gpt2")
     shutil.copy(gpt2 / SPARSITY_FILE, llama / SPARSITY_FILE)
+    with pytest.raises(ValueError, match=rf"mixes files.*{SPARSITY_FILE}: .*save id"):
+        load_sparse(llama)
+    reseal(llama)
     with pytest.raises(ValueError, match=rf"{SPARSITY_FILE}.*'transformer\.h\.0\.\S+\.weight'"):
         load_sparse(llama)
 
 
-def test_mask_shape_and_missing_layer_raise(make_tiny_model, tmp_path):
+def test_mask_shape_and_missing_layer_raise(make_tiny_model, tmp_path, reseal):
     from safetensors.torch import save_file
 
     model, folder = _saved(make_tiny_model, tmp_path)
@@ -263,6 +268,7 @@ def test_mask_shape_and_missing_layer_raise(make_tiny_model, tmp_path):
         tensors = {k: (pack_mask(v) if dtype_override is None else v.to(dtype_override)) for k, v in entries.items()}
         save_file(tensors, str(folder / SPARSITY_FILE),
                   metadata={"hf_chts_format_version": "1", "shapes": json.dumps(shapes)})
+        reseal(folder)
 
     shapes = {k: list(v.shape) for k, v in masks.items()}
     wrong = dict(masks)
@@ -280,8 +286,12 @@ def test_mask_shape_and_missing_layer_raise(make_tiny_model, tmp_path):
 
 
 def test_missing_mask_file_loads_dense_with_warning(make_tiny_model, tmp_path, caplog):
+    """Without any hf_chts file a folder is a dense model; with the config but no masks it is refused."""
     model, folder = _saved(make_tiny_model, tmp_path)
     (folder / SPARSITY_FILE).unlink()
+    with pytest.raises(ValueError, match=f"{SPARSITY_FILE}.*missing"):
+        load_sparse(folder)
+    (folder / CONFIG_FILE).unlink()
     with caplog.at_level(logging.WARNING, logger="hf_chts.checkpoint"):
         loaded = load_sparse(folder)
     assert find_state(loaded) is None
@@ -468,7 +478,7 @@ def test_inspect_refuses_masks_that_do_not_fit_the_stored_config(make_tiny_model
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(tools, "_meta_topology", offline)
+    monkeypatch.setattr(tools, "_meta_model", offline)
     info = tools.inspect_checkpoint(tmp_path)
     assert info["anp"] is None and info["density"] == pytest.approx(sparsity_report(model).density)
 

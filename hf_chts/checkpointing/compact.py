@@ -5,7 +5,7 @@
 ``model.safetensors`` holds only the tensors of non-sparsified modules and
 ``sparse_weights.safetensors`` holds, per sparsified weight (same key), its live
 values as a 1-D tensor in row-major order of the logical mask
-(``logical_weight[mask]``), with metadata ``shapes``, ``crc32`` and the version.
+(``logical_weight[mask]``), with metadata ``shapes``, ``crc32``, ``save_id`` and the version.
 At 30 % density this stores ~30 % of the sparsified bytes (+1 bit per link for the
 mask). **A compact folder is not a valid input for a vanilla
 ``AutoModelForCausalLM.from_pretrained``**: transformers would report the
@@ -28,8 +28,9 @@ from .format import (
     module_name_of, read_safetensors, weight_key,
 )
 
-def compact_split(model: nn.Module, state_dict: dict | None) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict without sparsified weights, live values per weight key, metadata)."""
+def compact_split(model: nn.Module, state_dict: dict | None,
+                  save_id: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict without sparsified weights, live values per weight key, metadata incl. the ``save_id``)."""
     full = dict(state_dict) if state_dict is not None else model.state_dict()
     values, shapes, crcs = {}, {}, {}
     for name, layer in sorted(sparse_layers(model).items()):
@@ -49,6 +50,7 @@ def compact_split(model: nn.Module, state_dict: dict | None) -> tuple[dict, dict
         "content": "live values of sparsified weights, 1-D, row-major order of the logical mask",
         "shapes": json.dumps(shapes, sort_keys=True),
         "crc32": json.dumps(crcs, sort_keys=True),
+        "save_id": save_id,
     }
     return full, values, metadata
 
@@ -56,7 +58,7 @@ def compact_split(model: nn.Module, state_dict: dict | None) -> tuple[dict, dict
 def read_compact_values(path: str | os.PathLike, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Live values of ``sparse_weights.safetensors``, validated against ``masks`` (counts and names)."""
     folder = Path(path)
-    file = folder / SPARSE_WEIGHTS_FILE if folder.is_dir() else folder
+    file = folder / SPARSE_WEIGHTS_FILE if folder.is_dir() else folder  # read_safetensors refuses non-regular files
     tensors, metadata = read_safetensors(file)
     check_format_version(file, metadata)
     crcs = json_metadata(file, metadata, "crc32") if "crc32" in metadata else {}

@@ -4,9 +4,12 @@ The format is specified in docs/checkpoint-format.md. In short, a checkpoint fol
 Hugging Face model folder (dense weights, exactly 0 at masked positions) plus
 ``sparsity.safetensors`` (one bit-packed uint8 mask per sparsified weight, keyed by the
 weight's ``state_dict`` key, logical ``out x in`` layout, shapes and CRC-32s in the
-metadata; docs/checkpoint-format.md#2-sparsitysafetensors-the-masks) and
-``sparsify_config.json`` (the SparsifyConfig, a summary and the engine's progress;
-docs/checkpoint-format.md#3-sparsify_configjson). :func:`decode_engine_record` turns the
+metadata, and the save id; docs/checkpoint-format.md#2-sparsitysafetensors-the-masks) and
+``sparsify_config.json`` (the SparsifyConfig, a summary, the engine's progress, and the save id
+and manifest that bind the folder to one save; docs/checkpoint-format.md#3-sparsify_configjson,
+docs/checkpoint-format.md#7-consistency-between-files-and-crash-safety). The mask keys name the
+sparsified modules: loading restores exactly these and never runs the stored ``target_modules``
+pattern. :func:`decode_engine_record` turns the
 stored engine record back into the exact ``SparseTrainingEngine.state_dict()`` format.
 The compact format's ``sparse_weights.safetensors`` is in :mod:`hf_chts.checkpointing.compact`.
 """
@@ -17,6 +20,7 @@ import base64
 import json
 import math
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -25,9 +29,10 @@ import torch
 from torch import nn
 
 from ..config import SparsifyConfig
+from ..io_utils import read_json_object, require_regular_file
 from ..layers import sparse_layers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: save id + manifest (version-1 folders load unverified, with a warning)
 
 
 SPARSITY_FILE = "sparsity.safetensors"
@@ -39,7 +44,12 @@ CONFIG_FILE = "sparsify_config.json"
 SPARSE_WEIGHTS_FILE = "sparse_weights.safetensors"
 
 
-STAGING_PREFIX = ".hf_chts_staging-"
+_WEIGHT_FILE_PREFIXES = ("model.", "model-", "pytorch_model")
+
+
+def is_weight_file(name: str) -> bool:
+    """True for a transformers weight file name (``model.safetensors``, shards, their index, ``pytorch_model*.bin``)."""
+    return name.startswith(_WEIGHT_FILE_PREFIXES) and name.endswith((".safetensors", ".bin", ".index.json"))
 
 
 PACKING = "numpy.packbits(mask, axis=-1, bitorder='little'), logical out x in"
@@ -75,8 +85,8 @@ def _packed_shape(shape: list[int]) -> list[int]:
     return [*shape[:-1], math.ceil(shape[-1] / 8)]
 
 
-def mask_entries(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Packed masks and the metadata of ``sparsity.safetensors``."""
+def mask_entries(model: nn.Module, save_id: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Packed masks and the metadata of ``sparsity.safetensors`` (one save's ``save_id`` included)."""
     tensors, shapes, crcs = {}, {}, {}
     for name, layer in sorted(sparse_layers(model).items()):
         key = weight_key(name)
@@ -90,6 +100,7 @@ def mask_entries(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
         "packing": PACKING,
         "shapes": json.dumps(shapes, sort_keys=True),
         "crc32": json.dumps(crcs, sort_keys=True),
+        "save_id": save_id,
     }
     return tensors, metadata
 
@@ -119,6 +130,7 @@ def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     """All tensors and the metadata of a safetensors file; ``ValueError`` naming it if unreadable."""
     from safetensors import safe_open
 
+    require_regular_file(file, "safetensors file")
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -131,13 +143,29 @@ def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
+def read_safetensors_metadata(file: Path) -> dict[str, str]:
+    """The metadata of a safetensors file, reading only its header (which is checked against the file's size);
+    ``ValueError`` naming the file if it is not a regular file or the header is broken or truncated."""
+    from safetensors import safe_open
+
+    require_regular_file(file, "safetensors file")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # SafetensorError, OSError, ...
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({type(error).__name__}: {error}); it is truncated or "
+            "corrupted — copy or download it again, or re-save the checkpoint"
+        ) from error
+
+
 def json_metadata(file: Path, metadata: dict[str, str], field: str) -> dict:
     try:
         value = json.loads(metadata[field])
         if not isinstance(value, dict):
             raise TypeError("not a JSON object")
         return value
-    except (KeyError, TypeError, json.JSONDecodeError) as error:
+    except (KeyError, TypeError, RecursionError, json.JSONDecodeError) as error:
         raise ValueError(
             f"{file}: metadata field {field!r} is missing or invalid ({error}); this is not an hf_chts file or it is "
             "corrupted"
@@ -170,17 +198,24 @@ def read_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     file = Path(path)
     file = file / SPARSITY_FILE if file.is_dir() else file
-    if not file.exists():
+    if not os.path.lexists(file):
         raise FileNotFoundError(f"{file} does not exist")
     tensors, metadata = read_safetensors(file)
     check_format_version(file, metadata)
     shapes = json_metadata(file, metadata, "shapes")
     crcs = json_metadata(file, metadata, "crc32") if "crc32" in metadata else {}
+    for key, crc in crcs.items():
+        if not isinstance(crc, str):
+            raise ValueError(f"{file}: metadata field 'crc32' entry {key!r} is {crc!r}, expected a hex string")
     masks = {}
     for key, packed in tensors.items():
         if key not in shapes:
             raise ValueError(f"{file}: tensor {key!r} has no logical shape in the metadata 'shapes'; the file is corrupted")
         shape = shapes[key]
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+            raise ValueError(f"{file}: metadata field 'shapes' entry {key!r} is {shape!r}, expected [out, in] "
+                             "(two positive integers); the file is corrupted")
         if packed.dtype != torch.uint8:
             raise ValueError(
                 f"{file}: tensor {key!r} has dtype {packed.dtype}, expected torch.uint8 (bit-packed with "
@@ -203,29 +238,52 @@ def read_sparsify_config(path: str | os.PathLike) -> dict | None:
     """The ``sparsify_config.json`` record of a folder (``None`` if absent); ``ValueError`` if unreadable."""
     folder = Path(path)
     file = folder / CONFIG_FILE if folder.is_dir() else folder
-    if not file.exists():
+    if not os.path.lexists(file):
         return None
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file} is not valid JSON ({error}); it is truncated or corrupted — re-save the checkpoint") from error
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+    record = read_json_object(file, what=CONFIG_FILE)
+    if not isinstance(record.get("config"), dict):
         raise ValueError(f"{file} has no 'config' object; it was not written by hf_chts.save_sparse or is corrupted")
     version = record.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
             f"{file}: format_version {version!r} is unknown (this hf_chts reads up to {FORMAT_VERSION}); upgrade hf_chts"
         )
-    engine = record.get("engine")
-    if engine is not None and not isinstance(engine, dict):
-        raise ValueError(f"{file}: 'engine' must be an object or null; the file is corrupted")
+    _check_record_types(file, record)
     return record
+
+
+_RECORD_TYPES = {"hf_chts_version": str, "weights_format": str, "summary": dict, "save_id": str, "manifest": dict,
+                 "engine": dict}
+_ENGINE_TYPES = {"version": int, "completed_steps": int, "total_steps": int, "generator_state": str, "layers": dict,
+                 "history": list, "target_density": (int, float), "schedule": dict}
+
+
+def _check_record_types(file: Path, record: dict) -> None:
+    """``ValueError`` naming the field when a known field of ``sparsify_config.json`` has the wrong JSON type."""
+    def check(prefix: str, values: dict, types: dict) -> None:
+        for field, expected in types.items():
+            value = values.get(field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, expected):
+                names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+                raise ValueError(f"{file}: field {prefix}{field!r} is {type(value).__name__} {value!r:.60}, expected "
+                                 f"{names}; the file is corrupted or was not written by hf_chts")
+
+    check("", record, _RECORD_TYPES)
+    if record.get("weights_format", "dense") not in ("dense", "compact"):
+        raise ValueError(f"{file}: field 'weights_format' is {record['weights_format']!r}, expected 'dense' or 'compact'")
+    engine = record.get("engine")
+    if engine is not None:
+        check("engine.", engine, _ENGINE_TYPES)
+        if not all(isinstance(item, dict) for item in engine.get("history") or []):
+            raise ValueError(f"{file}: field 'engine.history' must be a list of objects; the file is corrupted")
 
 
 def config_from_record(file: Path, record: dict) -> SparsifyConfig:
     try:
         return SparsifyConfig.from_dict(record["config"])
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, re.error) as error:
         raise ValueError(f"{file}: the stored SparsifyConfig is invalid: {error}") from error
 
 

@@ -15,19 +15,21 @@ from torch import nn
 
 from ..config import SparsifyConfig
 from ..inference.autotune import DEFAULT_AUTO_TOKENS
-from ..io_utils import looks_like_local_path
+from ..io_utils import looks_like_local_path, read_json_object
 from ..layers import logical_shape_of
-from ..model import select_modules, sparsify
+from ..model import modules_named, select_modules, sparsify
 from ..state import find_state
+from .commit import interrupted_save_note
 from .compact import fill_compact, read_compact_values
 from .format import (
-    CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, config_from_record, decode_engine_record, module_name_of,
-    read_masks, read_sparsify_config, weight_key,
+    CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, config_from_record, decode_engine_record, is_weight_file,
+    module_name_of, read_masks, read_safetensors_metadata, read_sparsify_config,
 )
+from .manifest import verify_checkpoint
 
 logger = logging.getLogger("hf_chts.checkpoint")  # the logger name users configure, whichever module logs
 
-_HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+_HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
 
 
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
@@ -39,6 +41,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     if local.exists():
         raise ValueError(f"{local} is a file; a checkpoint is a folder")
     text = str(path_or_repo_id)
+    note = interrupted_save_note(local)
+    if note is not None:
+        raise FileNotFoundError(f"checkpoint folder {text} does not exist: {note}")
     if looks_like_local_path(text):
         raise FileNotFoundError(f"checkpoint folder {text} does not exist")
     from huggingface_hub import constants, snapshot_download
@@ -55,36 +60,73 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
 
 
 def validate_masks(file: Path, model: nn.Module, config: SparsifyConfig,
-                    masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Masks by module name, checked against the layers ``config`` selects in ``model``."""
+                   masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks by module name, checked against ``model``: each mask names a linear module of the
+    model (the stored ``target_modules`` pattern is never run) with the mask's logical shape."""
     if config.is_dense:
         if masks:
             raise ValueError(f"{file} holds {len(masks)} masks but the stored SparsifyConfig is dense")
         return {}
-    modules = select_modules(model, config)
-    expected = {weight_key(name): module for name, module in modules.items()}
-    extra = sorted(set(masks) - set(expected))
-    if extra:
-        raise ValueError(
-            f"{file}: mask {extra[0]!r} matches no sparsified layer of this {type(model).__name__} "
-            f"({len(extra)} such masks); the file belongs to another model or config"
-        )
-    missing = sorted(set(expected) - set(masks))
-    if missing:
-        raise ValueError(
-            f"{file}: no mask for the sparsified layer {missing[0]!r} ({len(missing)} missing); the file belongs to "
-            "another model or config, or is incomplete"
-        )
-    by_name = {}
-    for key, module in expected.items():
+    if not masks:
+        raise ValueError(f"{file} holds no masks but the stored SparsifyConfig is sparse; the file is corrupted")
+    by_name = {module_name_of(key): mask for key, mask in masks.items()}
+    if not isinstance(config.target_modules, str) and not isinstance(config.exclude_modules, str):
+        _check_selection(file, model, config, set(by_name))  # names and suffixes only: no stored regex is run
+    try:
+        modules = modules_named(model, by_name)
+    except ValueError as error:
+        raise ValueError(f"{file}: mask for {error}; the file belongs to another model") from error
+    for name, module in modules.items():
         logical = logical_shape_of(module)
-        if tuple(masks[key].shape) != tuple(logical):
+        if tuple(by_name[name].shape) != tuple(logical):
             raise ValueError(
-                f"{file}: mask {key!r} has logical shape {list(masks[key].shape)} but the model's layer is "
+                f"{file}: mask '{name}.weight' has logical shape {list(by_name[name].shape)} but the model's layer is "
                 f"{list(logical)} (out x in); the file belongs to another model"
             )
-        by_name[module_name_of(key)] = masks[key]
     return by_name
+
+
+def _check_selection(file: Path, model: nn.Module, config: SparsifyConfig, names: set[str]) -> None:
+    """The masks' modules are the ones ``config`` selects (module names/suffixes or the architecture's roles)."""
+    try:
+        expected = set(select_modules(model, config))
+    except ValueError as error:
+        raise ValueError(f"{file.parent / CONFIG_FILE}: {error}") from error
+    extra, missing = sorted(names - expected), sorted(expected - names)
+    if extra:
+        raise ValueError(f"{file}: mask {extra[0] + '.weight'!r} matches no sparsified layer of this "
+                         f"{type(model).__name__} ({len(extra)} such masks); the file belongs to another model or config")
+    if missing:
+        raise ValueError(f"{file}: no mask for the sparsified layer {missing[0] + '.weight'!r} ({len(missing)} missing); "
+                         "the file belongs to another model or config, or is incomplete")
+
+
+def check_masked_weights_are_zero(file: Path, model: nn.Module, by_name: dict[str, torch.Tensor]) -> None:
+    """``ValueError`` when a stored weight is not exactly 0 at a masked position (NaN and inf included): the
+    masks file then comes from another checkpoint, and applying it would zero live weights."""
+    modules = dict(model.named_modules())
+    for name, mask in sorted(by_name.items()):
+        weight = modules[name].weight.detach()
+        logical = weight if isinstance(modules[name], nn.Linear) else weight.t()  # Conv1D stores in x out
+        stray = int((logical[~mask.to(logical.device)] != 0).sum())
+        if stray:
+            raise ValueError(
+                f"{file}: mask '{name}.weight' marks {stray} weights as masked that the weight files store as non-zero; "
+                "the masks come from another checkpoint (a masked weight is exactly 0) — copy the complete checkpoint"
+            )
+
+
+def check_model_files(folder: Path) -> None:
+    """Parse ``config.json`` and check every safetensors weight file's header (against the file size) before
+    transformers opens them: a folder, FIFO, hostile JSON or truncated file gives a ``ValueError`` naming it."""
+    config = read_json_object(folder / "config.json", max_bytes=16 * 2**20, what="model config")
+    if not isinstance(config.get("model_type", ""), str):
+        raise ValueError(f"{folder / 'config.json'}: field 'model_type' must be a string")
+    for name in sorted(os.listdir(folder)):
+        if is_weight_file(name) and name.endswith(".safetensors"):
+            read_safetensors_metadata(folder / name)
+        elif is_weight_file(name) and name.endswith(".index.json"):
+            read_json_object(folder / name, what="weight index")
 
 
 @contextlib.contextmanager
@@ -104,6 +146,7 @@ def _from_pretrained(folder: Path, sparse_keys: set[str], compact: bool, kwargs:
 
     kwargs = dict(kwargs)
     kwargs.pop("output_loading_info", None)
+    kwargs.setdefault("trust_remote_code", False)  # never run code from a checkpoint unless the caller opts in
     context = quiet_transformers() if compact else contextlib.nullcontext()
     with context:
         model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
@@ -127,7 +170,9 @@ def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = No
     Loads the weights with ``AutoModelForCausalLM.from_pretrained`` (expanding
     the compact format when present), reads the masks and the SparsifyConfig,
     validates them against the model and calls ``sparsify(model, config, masks=...)``.
-    The engine progress is available with :func:`read_engine_state`.
+    The engine progress is available with :func:`read_engine_state`. Every file is
+    first verified to come from one save; ``trust_remote_code`` is ``False``
+    unless passed explicitly.
 
     Args:
         path_or_repo_id: checkpoint folder or ``"org/name"`` on the Hub.
@@ -146,24 +191,27 @@ def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = No
         (then it is loaded dense with a warning).
 
     Raises:
-        ValueError: naming the file and tensor on a truncated, corrupted or
-            mismatched ``sparsity.safetensors`` / ``sparse_weights.safetensors`` /
-            ``sparsify_config.json``.
+        ValueError: naming the file and the field or tensor when the folder mixes
+            files of different saves (save id / manifest), a stored weight is not 0
+            at a masked position, or a file is truncated, corrupted, of the wrong
+            type or not a regular file (docs/checkpoint-format.md#5-validation-on-load).
     """
     folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir,
                                 local_files_only=local_files_only)
-    record = read_sparsify_config(folder)
+    record = verified_record(folder)
     compact = (folder / SPARSE_WEIGHTS_FILE).exists()
-    if not (folder / SPARSITY_FILE).exists():
-        if compact:
+    check_model_files(folder)
+    if not os.path.lexists(folder / SPARSITY_FILE):
+        if compact or record is not None:
             raise ValueError(
-                f"{folder} has {SPARSE_WEIGHTS_FILE} but no {SPARSITY_FILE}: the live values cannot be placed "
-                "without the masks; copy the complete checkpoint"
+                f"{folder} has {SPARSE_WEIGHTS_FILE if compact else CONFIG_FILE} but no {SPARSITY_FILE}: the sparse "
+                "model cannot be restored without the masks; copy the complete checkpoint"
             )
         logger.warning("hf_chts: %s has no %s; loading it as a dense model (not sparse)", folder, SPARSITY_FILE)
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(folder), **from_pretrained_kwargs)
+        kwargs = {"trust_remote_code": False, **from_pretrained_kwargs}
+        return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     masks = read_masks(folder)
     if record is None:
         raise ValueError(
@@ -183,12 +231,23 @@ def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = No
     values = read_compact_values(folder, masks) if compact else None
     model = _from_pretrained(folder, set(masks), compact, from_pretrained_kwargs)
     by_name = validate_masks(folder / SPARSITY_FILE, model, config, masks)
+    if values is None:
+        check_masked_weights_are_zero(folder / SPARSITY_FILE, model, by_name)
     sparsify(model, config, masks=by_name)
     if values is not None:
         fill_compact(model, values)
     state = find_state(model)
     state.loaded_engine_record = record.get("engine")
     return model
+
+
+def verified_record(folder: Path) -> dict | None:
+    """The ``sparsify_config.json`` record of ``folder`` after checking that every file is from that save
+    (:func:`~hf_chts.checkpointing.manifest.verify_checkpoint`); ``None`` for a folder without one."""
+    record = read_sparsify_config(folder)
+    if record is not None:
+        verify_checkpoint(folder, record)
+    return record
 
 
 def read_engine_state(path: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
@@ -201,7 +260,7 @@ def read_engine_state(path: str | os.PathLike, *, revision: str | None = None, t
     """
     folder = resolve_checkpoint(path, revision=revision, token=token, cache_dir=cache_dir,
                                 local_files_only=local_files_only)
-    record = read_sparsify_config(folder)
+    record = verified_record(folder)
     if record is None or record.get("engine") is None:
         return None
     return decode_engine_record(record["engine"], read_masks(folder), record["config"])

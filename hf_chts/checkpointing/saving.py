@@ -1,13 +1,12 @@
 """Saving sparse checkpoints: ``save_sparse``, ``write_sparsity_files`` and the ``save_pretrained`` hook.
 
-Writing happens on the main process only (docs/checkpoint-format.md#6-writing). A save is staged in a hidden folder
-inside the target (``.hf_chts_staging-*``) and its files are then moved in with
-``os.replace`` (weights first, the small sparsity files last) and stale weight
-files of the previous checkpoint (old shards, the other format) are removed, so
-an exception during a save leaves the previous checkpoint in the folder
-untouched. Not covered: a crash (power loss, SIGKILL) *during* the final
-renames can leave new weights beside old masks
-(docs/checkpoint-format.md#7-consistency-between-files-and-crash-safety).
+Writing happens on the main process only. Every save is one crash-safe commit
+(:mod:`hf_chts.checkpointing.commit`): the whole checkpoint is written into a
+sibling staging folder, bound together by a save id and a manifest
+(:mod:`hf_chts.checkpointing.manifest`), ``fsync``-ed, and swapped in; an
+exception, a kill or a concurrent save never leaves a folder that mixes two
+saves (docs/checkpoint-format.md#6-writing,
+docs/checkpoint-format.md#7-consistency-between-files-and-crash-safety).
 
 ``sparsify()`` installs a ``save_pretrained`` wrapper on the model instance
 (:func:`install_save_hook`), so ``model.save_pretrained``, ``Trainer.save_model``
@@ -17,11 +16,9 @@ import :mod:`hf_chts.model` (which imports it for the hook).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import os
-import shutil
 import types
 import uuid
 from pathlib import Path
@@ -30,21 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io_utils import atomic_path, atomic_write_text
 from ..layers import is_dtensor, sparse_layers, zero_masked_
 from ..model_card import CARD_FILE, write_model_card
 from ..state import find_state, unwrap_model
 from ..version import __version__
+from .commit import fault_point, staged_commit
 from .compact import compact_split
 from .format import (
-    CONFIG_FILE, FORMAT_VERSION, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, STAGING_PREFIX, dump_record_json,
-    encode_engine_state, mask_entries, weight_key,
+    CONFIG_FILE, FORMAT_VERSION, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, dump_record_json, encode_engine_state,
+    is_weight_file, mask_entries, weight_key,
 )
+from .manifest import build_manifest, owned_by_old_save, owned_sparsity_files, stored_save_id
 
 logger = logging.getLogger("hf_chts.checkpoint")  # the logger name users configure, whichever module logs
-
-_WEIGHT_FILE_PREFIXES = ("model.", "model-", "pytorch_model")
-
 
 _MISSING = object()
 
@@ -107,7 +102,7 @@ def _engine_record(model: nn.Module) -> dict | None:
     return record
 
 
-def _config_record(model: nn.Module, *, compact: bool, engine_record: Any) -> dict:
+def _config_record(model: nn.Module, *, compact: bool, engine_record: Any, save_id: str, manifest: dict) -> dict:
     state = find_state(model)
     layers = sparse_layers(model)
     live = sum(int(layer.mask.sum()) for layer in layers.values())
@@ -116,6 +111,8 @@ def _config_record(model: nn.Module, *, compact: bool, engine_record: Any) -> di
         "format_version": FORMAT_VERSION,
         "hf_chts_version": __version__,
         "weights_format": "compact" if compact else "dense",
+        "save_id": save_id,
+        "manifest": manifest,
         "config": state.config.to_dict(),
         "summary": {"density": live / total if total else 1.0, "live_links": live, "total_links": total,
                     "sparsified_layers": len(layers)},
@@ -165,44 +162,14 @@ def masked_state_dict(model: nn.Module, state_dict: dict | None) -> dict | None:
     return state_dict
 
 
-def _commit_staged(staging: Path, target: Path) -> None:
-    """Move staged files into ``target``: big files first, sparsity files last; drop stale weight files."""
-    staged = [p for p in staging.iterdir()]
-    small_last = {SPARSITY_FILE: 1, CONFIG_FILE: 2}
-    staged.sort(key=lambda p: (small_last.get(p.name, 0), -p.stat().st_size if p.is_file() else 0))
-    names = {p.name for p in staged}
-    for path in staged:
-        destination = target / path.name
-        if path.is_dir():
-            if destination.exists():
-                shutil.rmtree(destination)
-            os.replace(path, destination)
-        else:
-            os.replace(path, destination)
-    for old in target.iterdir():
-        stale_weights = old.name.startswith(_WEIGHT_FILE_PREFIXES) and (
-            old.name.endswith(".safetensors") or old.name.endswith(".bin") or old.name.endswith(".index.json"))
-        if old.is_file() and old.name not in names and (stale_weights or old.name == SPARSE_WEIGHTS_FILE):
-            old.unlink()
-
-
-@contextlib.contextmanager
-def _staging_dir(target: Path):
-    target.mkdir(parents=True, exist_ok=True)
-    staging = target / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, compact: bool = False,
                       state_dict: dict | None = None, save_kwargs: dict | None = None,
                       engine_record: Any = _MISSING, card_kwargs: dict | None = None) -> Path:
-    """Write weights + masks + config + model card into ``path`` through a staging folder (main process only).
+    """Write weights + masks + config + model card as one save into ``path`` (main process only; crash-safe
+    commit, docs/checkpoint-format.md#7-consistency-between-files-and-crash-safety).
 
     ``card_kwargs`` go to :func:`hf_chts.model_card.write_model_card` (``overwrite_card``, ``repo_id``, ...).
+    Any file written into the staging folder before the manifest is computed is part of the save.
     """
     from safetensors.torch import save_file
 
@@ -220,23 +187,27 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
     save_kwargs.pop("push_to_hub", None)
     state_dict = masked_state_dict(model, state_dict)
     original_save = _original_save_pretrained(model)
-    with _staging_dir(target) as staging:
+    save_id = uuid.uuid4().hex
+    with staged_commit(target, owned_by_old_save) as staging:
         if compact:
-            dense_part, values, metadata = compact_split(model, state_dict)
+            dense_part, values, metadata = compact_split(model, state_dict, save_id)
             original_save(staging, state_dict=dense_part, is_main_process=True, push_to_hub=False, **save_kwargs)
             save_file(values, str(staging / SPARSE_WEIGHTS_FILE), metadata=metadata)
         else:
             original_save(staging, state_dict=state_dict, is_main_process=True, push_to_hub=False, **save_kwargs)
+        fault_point("weights-written")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        tensors, metadata = mask_entries(model)
+        tensors, metadata = mask_entries(model, save_id)
         save_file(tensors, str(staging / SPARSITY_FILE), metadata=metadata)
-        record = _config_record(model, compact=compact, engine_record=engine_record)
-        (staging / CONFIG_FILE).write_text(dump_record_json(record), encoding="utf-8")
+        fault_point("sparsity-written")
+        record = _config_record(model, compact=compact, engine_record=engine_record, save_id=save_id, manifest={})
         # the model card (docs/hub.md#2-the-model-card); a README.md in target hf_chts did not write is kept
         write_model_card(staging, record=record, model=model, existing_card=target / CARD_FILE,
                          **{"repo_id": target.resolve().name, **(card_kwargs or {})})
-        _commit_staged(staging, target)
+        record["manifest"] = build_manifest(staging)  # every file written into the staging folder so far
+        (staging / CONFIG_FILE).write_text(dump_record_json(record), encoding="utf-8")
+        fault_point("config-written")
     return target
 
 
@@ -250,7 +221,7 @@ def _push_folder(folder: Path, repo_id: str, *, token=None, private=None, commit
     api.upload_folder(
         repo_id=repo_id, folder_path=str(folder), repo_type="model",
         commit_message=commit_message or "Upload sparse checkpoint (hf_chts)",
-        ignore_patterns=[f"{STAGING_PREFIX}*", f"{STAGING_PREFIX}*/**"],
+        ignore_patterns=[".hf_chts*", ".hf_chts*/**"],
     )
     return repo_id
 
@@ -316,8 +287,10 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
 
 def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | None:
     """(Re)write only ``sparsity.safetensors``, ``sparsify_config.json`` and the model card into an
-    existing checkpoint folder (each atomically), e.g. to refresh the engine progress of a Trainer
-    checkpoint. The weights in the folder must already be the model's masked weights.
+    existing checkpoint folder, e.g. to refresh the engine progress of a Trainer checkpoint whose
+    weights a path other than ``save_pretrained`` wrote. The weights in the folder must already be
+    the model's masked weights; they join the new save's manifest. Committed like a save (every
+    other file is kept, hard-linked into the new folder).
 
     Returns the folder on the main process, ``None`` elsewhere.
     """
@@ -332,12 +305,21 @@ def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | No
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; save the model there first (save_sparse)")
     compact = (folder / SPARSE_WEIGHTS_FILE).exists()
-    tensors, metadata = mask_entries(model)
-    with atomic_path(folder / SPARSITY_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    record = _config_record(model, compact=compact, engine_record=_MISSING)
-    atomic_write_text(folder / CONFIG_FILE, dump_record_json(record))
-    write_model_card(folder, model=model)  # docs/hub.md#2-the-model-card
+    save_id = stored_save_id(folder / SPARSE_WEIGHTS_FILE) if compact else None  # the values file keeps its id
+    save_id = save_id or uuid.uuid4().hex
+    with staged_commit(folder, owned_sparsity_files, link_first=True) as staging:
+        tensors, metadata = mask_entries(model, save_id)
+        save_file(tensors, str(staging / SPARSITY_FILE), metadata=metadata)
+        fault_point("sparsity-written")
+        record = _config_record(model, compact=compact, engine_record=_MISSING, save_id=save_id, manifest={})
+        card = write_model_card(staging, record=record, model=model,  # docs/hub.md#2-the-model-card
+                                existing_card=folder / CARD_FILE, repo_id=folder.resolve().name)
+        names = sorted(p.name for p in staging.iterdir() if p.is_file() and (
+            is_weight_file(p.name) or p.name in (SPARSITY_FILE, SPARSE_WEIGHTS_FILE, "config.json",
+                                                 "generation_config.json") or (card and p.name == CARD_FILE)))
+        record["manifest"] = build_manifest(staging, names)
+        (staging / CONFIG_FILE).write_text(dump_record_json(record), encoding="utf-8")
+        fault_point("config-written")
     return folder
 
 

@@ -10,24 +10,23 @@ from pathlib import Path
 import torch
 
 from ..architectures import build_topology
-from ..config import SparsifyConfig
-from ..model import select_modules
+from ..model import modules_named
 from ..topology.percolation import active_neurons
-from .format import CONFIG_FILE, SPARSITY_FILE, config_from_record, module_name_of, read_masks, read_sparsify_config
-from .loading import load_sparse, quiet_transformers, resolve_checkpoint, validate_masks
+from .format import CONFIG_FILE, SPARSITY_FILE, config_from_record, module_name_of, read_masks
+from .loading import (
+    check_model_files, load_sparse, quiet_transformers, resolve_checkpoint, validate_masks, verified_record,
+)
 from .saving import write_checkpoint
 
 logger = logging.getLogger("hf_chts.checkpoint")  # the logger name users configure, whichever module logs
 
-def _meta_topology(folder: Path, config: SparsifyConfig):
-    """Layer selection and topology of the checkpoint's architecture, built on the meta device (no weights)."""
+def _meta_model(folder: Path):
+    """The checkpoint's architecture on the meta device (no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_config = AutoConfig.from_pretrained(str(folder))
+    model_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     with torch.device("meta"), quiet_transformers():
-        model = AutoModelForCausalLM.from_config(model_config)
-    modules = select_modules(model, config)
-    return model, modules, build_topology(model, modules)
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=False)
 
 
 def inspect_checkpoint(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> dict:
@@ -35,19 +34,21 @@ def inspect_checkpoint(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> dict
     active neurons, overall density and ANP, file sizes, method and schedule position."""
     folder = resolve_checkpoint(path_or_repo_id, **hub_kwargs)
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
-    record = read_sparsify_config(folder)
+    record = verified_record(folder)
     if record is None or not (folder / SPARSITY_FILE).exists():
         raise ValueError(f"{folder} is not a sparse checkpoint: {SPARSITY_FILE} and {CONFIG_FILE} are required")
     config = config_from_record(folder / CONFIG_FILE, record)
     masks = read_masks(folder)
+    check_model_files(folder)
     layers, anp, active_total = {}, None, (0, 0)
     by_name = {module_name_of(k): v for k, v in masks.items()}
     roles: dict[str, str] = {}
     active: dict[str, int] = {}
     total: dict[str, int] = {}
     try:
-        model, _modules, topology = _meta_topology(folder, config)
-        validate_masks(folder / SPARSITY_FILE, model, config, masks)
+        model = _meta_model(folder)
+        validate_masks(folder / SPARSITY_FILE, model, config, masks)  # the masks' own module names, no pattern
+        topology = build_topology(model, modules_named(model, by_name))
         roles = {name: info.role for name, info in topology.layers.items()}
         if by_name:
             active, total = active_neurons(by_name, topology)
@@ -155,7 +156,7 @@ def export_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *, f
         try:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         except Exception as error:  # noqa: BLE001 - a tokenizer is optional in a checkpoint
             logger.warning("hf_chts export: tokenizer not copied (%s)", error)
     written = write_checkpoint(model, out, tokenizer=tokenizer, compact=format == "compact",

@@ -138,7 +138,7 @@ def train_bpe_tokenizer(texts_factory, vocab_size: int, min_frequency: int, cach
         digest.update(b"\0")
     folder = cache_root / f"bpe-{vocab_size}-{digest.hexdigest()[:16]}"
     if (folder / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(str(folder)), folder, True
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), trust_remote_code=False), folder, True
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -170,7 +170,7 @@ def build_tokenizer(recipe: Recipe, corpus: Corpus | None = None):
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tok.name)
+            tokenizer = AutoTokenizer.from_pretrained(tok.name, trust_remote_code=False)
         except Exception as error:
             raise FileNotFoundError(f"tokenizer.name: could not load {tok.name!r}: {type(error).__name__}: {error}. "
                                     "Hub tokenizers need network access or a local cache") from error

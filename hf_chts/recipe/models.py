@@ -68,4 +68,4 @@ def build_model(recipe: Recipe, tokenizer):
     from transformers import AutoModelForCausalLM
 
     transformers.set_seed(recipe.run.seed)
-    return AutoModelForCausalLM.from_config(model_config(recipe, tokenizer=tokenizer))
+    return AutoModelForCausalLM.from_config(model_config(recipe, tokenizer=tokenizer), trust_remote_code=False)

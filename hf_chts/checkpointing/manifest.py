@@ -1,0 +1,139 @@
+"""One save, one folder: the save id and the manifest that bind a checkpoint's files together.
+
+Every save draws a new ``save_id``. ``sparsity.safetensors`` (and the compact
+format's ``sparse_weights.safetensors``) carry it in their metadata, and
+``sparsify_config.json`` -- written last -- carries it with a ``manifest``: the
+size and SHA-256 of every other file the save wrote (weights, ``config.json``,
+tokenizer files, ...). :func:`verify_checkpoint` checks all of it before a
+loader trusts the folder; specified in
+docs/checkpoint-format.md#7-consistency-between-files-and-crash-safety.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+from ..io_utils import require_regular_file
+from .commit import MARKER_NAME
+from .format import CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, is_weight_file, read_safetensors_metadata
+
+logger = logging.getLogger("hf_chts.checkpoint")
+
+_SAVE_ID = re.compile(r"[0-9a-f]{32}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 8 * 2**20
+
+
+def file_digest(path: Path) -> dict:
+    """``{"size", "sha256"}`` of a regular file."""
+    digest = hashlib.sha256()
+    with open(require_regular_file(path), "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return {"size": os.stat(path).st_size, "sha256": digest.hexdigest()}
+
+
+def build_manifest(folder: Path, names: list[str] | None = None) -> dict[str, dict]:
+    """Digest of each file ``names`` (default: every regular file under ``folder`` except ``sparsify_config.json``,
+    by ``/``-separated relative path)."""
+    if names is None:
+        names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                       if path.is_file() and not path.is_symlink() and path.name not in (CONFIG_FILE, MARKER_NAME))
+    return {name: file_digest(folder / name) for name in names}
+
+
+def _safe_name(name: str) -> bool:
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and "\\" not in name and all(p not in ("", ".", "..") for p in parts)
+
+
+def stored_save_id(file: Path) -> str | None:
+    """The ``save_id`` metadata of an hf_chts safetensors file (``None`` if absent)."""
+    return read_safetensors_metadata(file).get("save_id")
+
+
+def verify_checkpoint(folder: str | os.PathLike, record: dict) -> None:
+    """Refuse a folder whose files are not all from the save ``record`` (its ``sparsify_config.json``) describes.
+
+    Checks, collecting every problem before raising one ``ValueError`` that names
+    each file: every manifest file is a regular file with the recorded size and
+    SHA-256; ``sparsity.safetensors`` / ``sparse_weights.safetensors`` carry the
+    record's ``save_id``; no weight file, mask file or compact file outside the
+    manifest sits in the folder (transformers would load it). Folders of format
+    version 1 (written before save ids existed) are accepted with a warning.
+    """
+    folder = Path(folder)
+    config_file = folder / CONFIG_FILE
+    if record.get("format_version", 1) < 2:
+        logger.warning("hf_chts: %s is format version 1 (no save id/manifest): its files cannot be verified to come "
+                       "from one save; re-save it with this hf_chts to make it verifiable", config_file)
+        return
+    save_id, manifest = record.get("save_id"), record.get("manifest")
+    if not isinstance(save_id, str) or not _SAVE_ID.fullmatch(save_id):
+        raise ValueError(f"{config_file}: field 'save_id' is {save_id!r}, expected 32 hex digits; the file is corrupted")
+    if not isinstance(manifest, dict) or not manifest:
+        raise ValueError(f"{config_file}: field 'manifest' is missing or empty; the file is corrupted")
+    problems = []
+    for name, entry in sorted(manifest.items()):
+        if not _safe_name(name):
+            raise ValueError(f"{config_file}: field 'manifest' names {name!r}, not a relative path inside the folder")
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+                and _SHA256.fullmatch(entry["sha256"])):
+            raise ValueError(f"{config_file}: field 'manifest' entry {name!r} is {entry!r:.80}, expected "
+                             "{'size': int, 'sha256': 64 hex digits}")
+        path = folder / name
+        try:
+            require_regular_file(path, "file listed in the manifest")
+        except ValueError as error:
+            problems.append(f"{name}: {error}")
+            continue
+        size = os.stat(path).st_size
+        if size != entry["size"]:
+            problems.append(f"{name}: {size} bytes, the save wrote {entry['size']}")
+        elif file_digest(path)["sha256"] != entry["sha256"]:
+            problems.append(f"{name}: SHA-256 differs from the one the save recorded")
+    for name in (SPARSITY_FILE, SPARSE_WEIGHTS_FILE):
+        path = folder / name
+        if not os.path.lexists(path) or name not in manifest:
+            continue
+        try:
+            stored = stored_save_id(path)
+        except ValueError as error:
+            problems.append(f"{name}: {error}")
+            continue
+        if stored != save_id:
+            problems.append(f"{name}: save id {stored!r}, but {CONFIG_FILE} is from save {save_id!r}")
+    for entry in sorted(os.listdir(folder)):
+        if entry not in manifest and (is_weight_file(entry) or entry in (SPARSITY_FILE, SPARSE_WEIGHTS_FILE)):
+            problems.append(f"{entry}: not written by save {save_id} (not in the manifest of {CONFIG_FILE})")
+    if problems:
+        raise ValueError(
+            f"{folder} mixes files of different saves or files changed after save {save_id}: " + "; ".join(problems)
+            + ". Load a complete checkpoint (copy every file of one save) or save it again"
+        )
+
+
+
+def owned_by_old_save(target: Path):
+    """``is_owned(name)`` for the entries of an existing checkpoint folder that a new full save replaces: the
+    files its manifest lists, the hf_chts files and transformers weight files (as ``save_pretrained`` does)."""
+    from .format import read_sparsify_config
+
+    listed: set[str] = set()
+    try:
+        record = read_sparsify_config(target) if target.is_dir() else None
+    except ValueError:
+        record = None
+    if record is not None and isinstance(record.get("manifest"), dict):
+        listed = {str(name).split("/")[0] for name in record["manifest"]}
+    own = {CONFIG_FILE, SPARSITY_FILE, SPARSE_WEIGHTS_FILE}
+    return lambda name: name in listed or name in own or is_weight_file(name)
+
+
+def owned_sparsity_files(target: Path):
+    """``is_owned(name)`` for a refresh of the sparsity files only (every other entry is kept)."""
+    return lambda name: name in (CONFIG_FILE, SPARSITY_FILE)
