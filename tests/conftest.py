@@ -54,10 +54,12 @@ def reseal_checkpoint(folder):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from hf_chts.checkpointing.manifest import build_manifest
-
     folder = Path(folder)
     record = json.loads((folder / "sparsify_config.json").read_text())
+    if "manifest" not in record:  # a format-1 folder: nothing binds its files together
+        return
+    from hf_chts.checkpointing.manifest import build_manifest
+
     for name in ("sparsity.safetensors", "sparse_weights.safetensors"):
         path = folder / name
         if not path.is_file():

@@ -267,7 +267,7 @@ def _check_record_types(file: Path, record: dict) -> None:
                 continue
             if isinstance(value, bool) or not isinstance(value, expected):
                 names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
-                raise ValueError(f"{file}: field {prefix}{field!r} is {type(value).__name__} {value!r:.60}, expected "
+                raise ValueError(f"{file}: field {prefix + field!r} is {type(value).__name__} {value!r:.60}, expected "
                                  f"{names}; the file is corrupted or was not written by hf_chts")
 
     check("", record, _RECORD_TYPES)
