@@ -174,8 +174,8 @@ class Killed(BaseException):
     """Stands in for a kill in-process: raised at a fault point, nothing after it runs."""
 
 
-@pytest.mark.parametrize("step, exchange, expected", [("retired", False, "new"), ("swapped", True, "new"),
-                                                      ("synced", True, "old")])
+@pytest.mark.parametrize("step, exchange, expected", [("retired", False, "new"), ("retired", True, "new"),
+                                                      ("swapped", True, "new"), ("synced", True, "old")])
 def test_interrupted_swap_is_recovered_by_the_next_save(tmp_path, monkeypatch, step, exchange, expected):
     old, new = build(0), build(1)
     folder = tmp_path / "ckpt"
@@ -188,9 +188,12 @@ def test_interrupted_swap_is_recovered_by_the_next_save(tmp_path, monkeypatch, s
 
     with monkeypatch.context() as patch:
         patch.setattr(commit, "fault_point", fault)
-        with pytest.raises(Killed):
+        if step == "retired" and exchange:  # the atomic exchange never leaves the folder missing: step not reached
             save_sparse(new, folder)
-    if step == "retired":  # between the two renames of the fallback: no folder, and the error says why
+        else:
+            with pytest.raises(Killed):
+                save_sparse(new, folder)
+    if step == "retired" and not exchange:  # between the two renames of the fallback: no folder, and the error says why
         with pytest.raises(FileNotFoundError, match="interrupted"):
             load_sparse(folder)
     else:
@@ -221,8 +224,7 @@ EXPECTED = {"staged": "old", "weights-written": "old", "sparsity-written": "old"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first_save", [True, False])
-@pytest.mark.parametrize("exchange", [True, False])
+@pytest.mark.parametrize("first_save, exchange", [(True, True), (False, True), (False, False)])
 def test_kill_at_each_commit_step(tmp_path, first_save, exchange):
     old, new = build(0), build(1)
     for step in commit.FAULT_STEPS:
@@ -261,7 +263,7 @@ def test_random_kills_never_leave_a_mixed_folder(tmp_path):
         child.communicate(timeout=60)
         outcomes.append(identify(folder, references))
         save_sparse(references["a"], folder)
-        assert hf_chts_leftovers(parent) == []
+        assert hf_chts_leftovers(parent) == [], (trial, outcomes)
     assert set(outcomes) <= {"a", "b", "refused"}
     assert {"a", "b"} & set(outcomes), outcomes  # the kills did land after complete saves too
 

@@ -185,7 +185,12 @@ def recover_interrupted_save(target: str | os.PathLike) -> list[str]:
         journal_path(target).unlink()  # an unreadable journal is ours too (our name), only the file is removed
         fsync_path(target.parent)
     pattern = _sibling_pattern(target)
+    journal_temp = re.compile(rf"\.{re.escape(journal_path(target).name)}\.[a-z0-9_]+\.tmp")  # atomic_path's temp
     for entry in sorted(target.parent.iterdir()) if target.parent.is_dir() else []:
+        if journal_temp.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+            done.append(f"deleted {entry}")
+            continue
         if not pattern.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
             continue
         if _has_marker(entry, target):
