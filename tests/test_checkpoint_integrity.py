@@ -1,6 +1,6 @@
 """A checkpoint folder is all from one save, or it is refused: save id + manifest, masked weights are 0,
 crash-safe commit (kills at every step and at random points), concurrent saves, leftovers
-(docs/checkpoint-integrity.md)."""
+(docs/checkpoint-format.md#7-consistency-between-files-and-crash-safety)."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """Untrusted checkpoint contents cannot hang or crash the process: every malformed folder gives a ValueError
-naming the file and the field, within a deadline (docs/checkpoint-integrity.md)."""
+naming the file and the field, within a deadline (docs/checkpoint-format.md#7-consistency-between-files-and-crash-safety)."""
 
 import contextlib
 import json
