@@ -213,7 +213,10 @@ def test_kill_before_the_swap_keeps_the_old_checkpoint(tmp_path):
     child.communicate(timeout=300)
     assert child.returncode == commit.FAULT_EXIT_CODE, "the save did not reach the fault point"
     assert identify(folder, {"old": old, "new": new}) == "old"
-    assert hf_chts_leftovers(tmp_path)  # the staging folder of the killed save, named by its journal
+    leftovers = hf_chts_leftovers(tmp_path)  # the journal and the complete staging folder of the killed save
+    staging = next(tmp_path / name for name in leftovers if "staging" in name)
+    with pytest.raises(ValueError, match="staging or retired folder of an hf_chts save, not a checkpoint"):
+        load_sparse(staging)  # never mistaken for a checkpoint, although it is complete
     save_sparse(new, folder)
     assert identify(folder, {"old": old, "new": new}) == "new" and hf_chts_leftovers(tmp_path) == []
 

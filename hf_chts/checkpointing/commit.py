@@ -204,6 +204,15 @@ def recover_interrupted_save(target: str | os.PathLike) -> list[str]:
     return done
 
 
+def refuse_save_leftover(folder: str | os.PathLike) -> None:
+    """``ValueError`` if ``folder`` is a staging or retired folder of a save (never a checkpoint to load)."""
+    folder = Path(folder)
+    if (re.fullmatch(r"\..+\.hf_chts-(staging|retired)-[0-9a-f]{32}", folder.name)
+            or os.path.lexists(folder / MARKER_NAME)):
+        raise ValueError(f"{folder} is the staging or retired folder of an hf_chts save, not a checkpoint; load the "
+                         "folder the save was writing to (the next save there deletes this one)")
+
+
 def interrupted_save_note(target: str | os.PathLike) -> str | None:
     """A sentence for error messages when a save to ``target`` was interrupted (journal present), else ``None``."""
     target = Path(target)

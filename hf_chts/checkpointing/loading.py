@@ -19,7 +19,7 @@ from ..io_utils import looks_like_local_path, read_json_object
 from ..layers import logical_shape_of
 from ..model import modules_named, select_modules, sparsify
 from ..state import find_state
-from .commit import interrupted_save_note
+from .commit import interrupted_save_note, refuse_save_leftover
 from .compact import fill_compact, read_compact_values
 from .format import (
     CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, config_from_record, decode_engine_record, is_weight_file,
@@ -37,6 +37,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     """A local folder for a checkpoint path or a Hub repo id (``snapshot_download``; honours HF_HUB_OFFLINE)."""
     local = Path(path_or_repo_id).expanduser()
     if local.is_dir():
+        refuse_save_leftover(local)
         return local
     if local.exists():
         raise ValueError(f"{local} is a file; a checkpoint is a folder")
