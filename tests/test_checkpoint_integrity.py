@@ -293,3 +293,32 @@ def test_a_save_waiting_too_long_for_the_lock_fails_clearly(tmp_path):
         _, err = child.communicate(timeout=300)
     assert child.returncode != 0 and "another process has been saving" in err
     assert identify(folder, {"old": old}) == "old"
+
+
+def test_format_1_folders_load_unverified_with_a_warning(tmp_path, caplog):
+    model = build(0)
+    save_sparse(model, tmp_path)
+    record = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for field in ("save_id", "manifest"):
+        del record[field]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**record, "format_version": 1}))
+    with caplog.at_level("WARNING", logger="hf_chts.checkpoint"):
+        assert identify(tmp_path, {"saved": model}) == "saved"
+    assert any("cannot be verified" in r.getMessage() for r in caplog.records)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(record))  # version 2 without a manifest: refused
+    with pytest.raises(ValueError, match=f"{CONFIG_FILE}: field 'save_id'"):
+        load_sparse(tmp_path)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_refreshing_the_sparsity_files_keeps_one_save(tmp_path, compact):
+    from hf_chts.checkpoint import write_sparsity_files
+
+    model = build(0)
+    save_sparse(model, tmp_path / "ckpt", compact=compact)
+    (tmp_path / "ckpt" / "optimizer.pt").write_bytes(b"trainer state")
+    write_sparsity_files(model, tmp_path / "ckpt")
+    record = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert "model.safetensors" in record["manifest"] and "optimizer.pt" not in record["manifest"]
+    assert (tmp_path / "ckpt" / "optimizer.pt").read_bytes() == b"trainer state"
+    assert identify(tmp_path / "ckpt", {"saved": model}) == "saved" and hf_chts_leftovers(tmp_path) == []
