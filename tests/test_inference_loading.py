@@ -1,12 +1,14 @@
 """load_sparse(path, inference=True): inference models straight from dense-format and compact checkpoints."""
 
 import copy
+import json
 
 import pytest
 import torch
 
 from hf_chts import load_sparse, save_sparse
 from hf_chts.inference import SparseInferenceLinear, inference_info, to_sparse_inference
+from hf_chts.checkpointing.manifest import build_manifest
 from hf_chts.inference import loading
 from hf_chts.layers import sparse_layers
 
@@ -117,6 +119,10 @@ def test_inference_loading_errors(saved, tmp_path):
         if item.name != "model.safetensors":
             (binary / item.name).write_bytes(item.read_bytes())
     torch.save({}, binary / "pytorch_model.bin")
+    record = json.loads((binary / "sparsify_config.json").read_text())  # a consistent save of a .bin folder
+    names = sorted(set(record["manifest"]) - {"model.safetensors"} | {"pytorch_model.bin"})
+    record["manifest"] = build_manifest(binary, names)
+    (binary / "sparsify_config.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="safetensors only"):
         load_sparse(binary, inference=True)
 
