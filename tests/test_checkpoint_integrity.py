@@ -322,3 +322,14 @@ def test_refreshing_the_sparsity_files_keeps_one_save(tmp_path, compact):
     assert "model.safetensors" in record["manifest"] and "optimizer.pt" not in record["manifest"]
     assert (tmp_path / "ckpt" / "optimizer.pt").read_bytes() == b"trainer state"
     assert identify(tmp_path / "ckpt", {"saved": model}) == "saved" and hf_chts_leftovers(tmp_path) == []
+
+
+def test_an_edited_model_card_is_reported_not_refused(tmp_path, caplog):
+    model = build(0)
+    save_sparse(model, tmp_path)
+    assert "README.md" in json.loads((tmp_path / CONFIG_FILE).read_text())["manifest"]
+    with open(tmp_path / "README.md", "a", encoding="utf-8") as card:
+        card.write("\nEdited on the Hub.\n")
+    with caplog.at_level("WARNING", logger="hf_chts.checkpoint"):
+        assert identify(tmp_path, {"saved": model}) == "saved"
+    assert any("README.md" in r.getMessage() and "does not affect loading" in r.getMessage() for r in caplog.records)

@@ -26,6 +26,7 @@ logger = logging.getLogger("hf_chts.checkpoint")
 _SAVE_ID = re.compile(r"[0-9a-f]{32}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 8 * 2**20
+DOCUMENTATION_FILES = ("README.md",)  # in the manifest, but a changed copy is reported, not refused
 
 
 def file_digest(path: Path) -> dict:
@@ -77,7 +78,7 @@ def verify_checkpoint(folder: str | os.PathLike, record: dict) -> None:
         raise ValueError(f"{config_file}: field 'save_id' is {save_id!r}, expected 32 hex digits; the file is corrupted")
     if not isinstance(manifest, dict) or not manifest:
         raise ValueError(f"{config_file}: field 'manifest' is missing or empty; the file is corrupted")
-    problems = []
+    problems, documentation = [], []
     for name, entry in sorted(manifest.items()):
         if not _safe_name(name):
             raise ValueError(f"{config_file}: field 'manifest' names {name!r}, not a relative path inside the folder")
@@ -86,6 +87,8 @@ def verify_checkpoint(folder: str | os.PathLike, record: dict) -> None:
             raise ValueError(f"{config_file}: field 'manifest' entry {name!r} is {entry!r:.80}, expected "
                              "{'size': int, 'sha256': 64 hex digits}")
         path = folder / name
+        # the model card is documentation, often edited (on the Hub) after the save: a change is only reported
+        report = problems if name not in DOCUMENTATION_FILES or not os.path.lexists(path) else documentation
         try:
             require_regular_file(path, "file listed in the manifest")
         except ValueError as error:
@@ -93,9 +96,11 @@ def verify_checkpoint(folder: str | os.PathLike, record: dict) -> None:
             continue
         size = os.stat(path).st_size
         if size != entry["size"]:
-            problems.append(f"{name}: {size} bytes, the save wrote {entry['size']}")
+            report.append(f"{name}: {size} bytes, the save wrote {entry['size']}")
         elif file_digest(path)["sha256"] != entry["sha256"]:
-            problems.append(f"{name}: SHA-256 differs from the one the save recorded")
+            report.append(f"{name}: SHA-256 differs from the one the save recorded")
+    for line in documentation:
+        logger.warning("hf_chts: %s: %s (changed after save %s; it does not affect loading)", folder, line, save_id)
     for name in (SPARSITY_FILE, SPARSE_WEIGHTS_FILE):
         path = folder / name
         if not os.path.lexists(path) or name not in manifest:
