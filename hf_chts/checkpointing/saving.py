@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hub import push_folder
 from ..layers import is_dtensor, sparse_layers, zero_masked_
 from ..model_card import CARD_FILE, write_model_card
 from ..state import find_state, unwrap_model
@@ -38,6 +39,8 @@ from .format import (
     is_weight_file, mask_entries, weight_key,
 )
 from .manifest import build_manifest, owned_by_old_save, owned_sparsity_files, stored_save_id
+
+PUSH_MESSAGE = "Upload sparse checkpoint (hf_chts)"
 
 logger = logging.getLogger("hf_chts.checkpoint")  # the logger name users configure, whichever module logs
 
@@ -211,21 +214,6 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
     return target
 
 
-def _push_folder(folder: Path, repo_id: str, *, token=None, private=None, commit_message=None) -> str:
-    """Create the Hub repo if needed and upload ``folder`` (huggingface_hub.HfApi.upload_folder)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    repo_id = getattr(repo, "repo_id", None) or repo_id
-    api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), repo_type="model",
-        commit_message=commit_message or "Upload sparse checkpoint (hf_chts)",
-        ignore_patterns=[".hf_chts*", ".hf_chts*/**"],
-    )
-    return repo_id
-
-
 def _gather_full_state_dict(model: nn.Module) -> dict | None:
     """A full (unsharded, CPU) state dict when FSDP2 shards ``model``'s parameters, else ``None``.
 
@@ -280,8 +268,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
     folder = write_checkpoint(model, path, tokenizer=tokenizer, compact=compact, state_dict=state_dict,
                                save_kwargs={"max_shard_size": max_shard_size}, card_kwargs=card)
     if push_to_hub:
-        _push_folder(folder, repo_id or folder.resolve().name, token=token, private=private,
-                     commit_message=commit_message)
+        push_folder(folder, repo_id or folder.resolve().name, token=token, private=private,
+                    commit_message=commit_message or PUSH_MESSAGE)
     return folder
 
 
@@ -349,8 +337,8 @@ def _hooked_save_pretrained(self, save_directory, *args, **kwargs):
         arguments["token"] = hub["token"]
     folder = write_checkpoint(self, save_directory, state_dict=state_dict, save_kwargs=arguments, card_kwargs=card)
     if push:
-        _push_folder(folder, hub["repo_id"] or folder.resolve().name, token=hub["token"], private=hub["private"],
-                     commit_message=hub["commit_message"])
+        push_folder(folder, hub["repo_id"] or folder.resolve().name, token=hub["token"], private=hub["private"],
+                    commit_message=hub["commit_message"] or PUSH_MESSAGE)
     return None
 
 
