@@ -91,13 +91,9 @@ def random_mask(rows: int, cols: int, density: float, seed: int = 0):
 
 def chunk_budget(rows: int, cols: int, chunks: int) -> int:
     """A memory budget that makes ch_l3n_scores use about ``chunks`` row blocks on the larger side."""
-    from hf_chts.topology import ch_scores as ch
+    from hf_chts.topology import score_memory_bytes
 
-    fixed = ch._FIXED_BYTES_PER_LINK * rows * cols
-    side = max(rows, cols)
-    other = min(rows, cols)
-    per_row = ch._SQUARE_BYTES_PER_ENTRY * side + ch._PRODUCT_BYTES_PER_ENTRY * other
-    return int(fixed + per_row * math.ceil(side / chunks))
+    return int(score_memory_bytes(rows, cols, math.ceil(max(rows, cols) / chunks)))
 
 
 def timed(fn, repeats: int):
@@ -286,12 +282,9 @@ def memprobe(params: tuple) -> dict:
 
 def ch_temporaries_mb(rows: int, cols: int, chunk_rows: int | None = None) -> float:
     """Analytic peak of ch_l3n_scores' big temporaries (constants from hf_chts.topology.ch_scores)."""
-    from hf_chts.topology import ch_scores as ch
+    from hf_chts.topology import score_memory_bytes
 
-    side, other = max(rows, cols), min(rows, cols)
-    block = chunk_rows or side
-    return (ch._FIXED_BYTES_PER_LINK * rows * cols + block * (ch._SQUARE_BYTES_PER_ENTRY * side
-                                                            + ch._PRODUCT_BYTES_PER_ENTRY * other)) / 2**20
+    return score_memory_bytes(rows, cols, chunk_rows) / 2**20
 
 
 def part_memory(args) -> dict:

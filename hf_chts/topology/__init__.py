@@ -8,7 +8,7 @@ docstring cites the algorithm it implements. Everything here is importable from
 
 from .bsf import bsf_mask, resort_by_degree
 from .budgets import BUDGET_ROUNDINGS, allocate_links, count_links, link_budget
-from .ch_scores import CH_VARIANTS, ch3_l3_path_scores, ch_l3n_scores
+from .ch_scores import CH_VARIANTS, ch3_l3_path_scores, ch_l3n_scores, score_memory_bytes
 from .common import as_bool_mask
 from .init import (
     BRF_CENTRES, DEGREE_MODES, INIT_METHODS, brf_mask, bsw_mask, build_mask, csti_mask, dense_mask, er_mask,
@@ -27,7 +27,7 @@ __all__ = [
     # percolation
     "PercolationResult", "percolate", "active_neurons",
     # link prediction and regrowth
-    "CH_VARIANTS", "ch_l3n_scores", "ch3_l3_path_scores", "REGROWTH_METHODS", "SELECTIONS", "regrow",
+    "CH_VARIANTS", "ch_l3n_scores", "ch3_l3_path_scores", "score_memory_bytes", "REGROWTH_METHODS", "SELECTIONS", "regrow",
     "select_candidates",
     # sampling and masks
     "weighted_sample_without_replacement", "uniform_sample", "exact_topk", "as_bool_mask",

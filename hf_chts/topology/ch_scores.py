@@ -54,7 +54,7 @@ from torch import Tensor
 
 from .common import as_bool_mask
 
-__all__ = ["CH_VARIANTS", "ch_l3n_scores", "ch3_l3_path_scores"]
+__all__ = ["CH_VARIANTS", "ch_l3n_scores", "ch3_l3_path_scores", "score_memory_bytes"]
 
 CH_VARIANTS = ("ch2", "ch3")
 
@@ -68,6 +68,19 @@ _SQUARE_BYTES_PER_ENTRY = 4 + 1 + 4 + 4 + 4 + 4 + 4 + 8
 # Bytes per element of one chunk row of the product side (column pass, the larger one): the
 # float64 product, the float64 copy of the scores block, their float64 sum and its float32 result.
 _PRODUCT_BYTES_PER_ENTRY = 8 + 8 + 8 + 4
+
+
+def score_memory_bytes(rows: int, cols: int, chunk_rows: int | None = None) -> int:
+    """Upper estimate of the bytes of ``ch_l3n_scores``' large temporaries for a ``rows×cols`` layer.
+
+    ``chunk_rows``: rows of the larger side per block (all at once by default). Counts every
+    position as a link (the per-link part is an upper bound); the same constants drive the
+    chunk planner, so benchmarks can size a memory budget from this.
+    """
+    side, other = max(rows, cols), min(rows, cols)
+    block = chunk_rows or side
+    return (_FIXED_BYTES_PER_LINK * rows * cols
+            + block * (_SQUARE_BYTES_PER_ENTRY * side + _PRODUCT_BYTES_PER_ENTRY * other))
 
 
 def _check_variant(variant: str) -> str:
