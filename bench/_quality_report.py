@@ -16,8 +16,15 @@ except ImportError:  # run as a script: python bench/quality.py
 
 # two-sided 95 % quantiles of Student's t by degrees of freedom
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-PAIRED = [("chtss@1.0", "chts"), ("chtss@1.0", "set"), ("chtss@1.0", "dense"),
-          ("chtss@0.5", "chts"), ("chtss@0.5", "set"), ("chtss@0.5", "dense")]
+COMPARED_WITH_CHTSS = ("chts", "chts-released", "set")  # every CHTss variant − each of these, then each − dense
+
+
+def paired_methods(methods) -> list[tuple[str, str]]:
+    """The (a, b) pairs reported: every CHTss variant against CHTs (ours and released) and SET, then every
+    sparse method against dense."""
+    present = list(dict.fromkeys(methods))
+    pairs = [(a, b) for a in present if a.startswith("chtss") for b in COMPARED_WITH_CHTSS if b in present]
+    return pairs + [(a, "dense") for a in present if a != "dense" and "dense" in present]
 
 
 def t_interval(differences: list[float]) -> tuple[float, float, float]:
@@ -90,7 +97,7 @@ def paired_differences(tested: list[dict]) -> list[dict]:
     densities = sorted({r["density"] for r in tested if r["method"] != "dense"}, reverse=True)
     result = []
     for density in densities:
-        for a, b in PAIRED:
+        for a, b in paired_methods(r["method"] for r in tested):
             density_b = 1.0 if b == "dense" else density
             seeds = sorted(s for (m, d, s) in by_key if m == a and d == density and (b, density_b, s) in by_key)
             if not seeds:

@@ -38,19 +38,32 @@ except ImportError:  # run as a script: python bench/quality.py
     import _corpus as corpus  # type: ignore
     import _quality_report as report  # type: ignore
 
-# method label -> (SparsifyConfig preset, initial density or None for the preset's). "@x" = start density x.
+# method label -> (SparsifyConfig preset, initial density or None for the preset's, extra config fields).
+# "@x" = start density x; "-released" = the authors' released recipe (parity=True, docs/parity.md).
 METHODS = {
-    "dense": ("dense", None),
-    "set": ("set", None),
-    "rigl": ("rigl", None),
-    "chts": ("chts", None),
-    "chtss@1.0": ("chtss", 1.0),  # this package's default: decay from a dense start
-    "chtss@0.5": ("chtss", 0.5),  # the CHTss paper's start
-    "gmp": ("gmp", 1.0),
-    "gmp@0.5": ("gmp", 0.5),  # the start-density knob for GMP too
-    "cht": ("cht", None),  # not in the default grid: path-based CH3-L3 is slow
+    "dense": ("dense", None, {}),
+    "set": ("set", None, {}),
+    "rigl": ("rigl", None, {}),
+    "chts": ("chts", None, {}),
+    "chtss@1.0": ("chtss", 1.0, {}),  # this package's default: decay from a dense start
+    "chtss@0.5": ("chtss", 0.5, {}),  # the CHTss paper's start
+    "gmp": ("gmp", 1.0, {}),
+    "gmp@0.5": ("gmp", 0.5, {}),  # the start-density knob for GMP too
+    "cht": ("cht", None, {}),  # not in the default grid: path-based CH3-L3 is slow
+    "chts-released": ("chts", None, {"parity": True}),
+    # the released CHTss run: start 0.5, decay until 0.8 T while updates stop at 0.75 T (--pruning_T_end 8000)
+    "chtss-released@0.5": ("chtss", 0.5, {"parity": True, "decay_end_fraction": 0.8}),
 }
 DEFAULT_METHODS = ["dense", "set", "rigl", "chts", "chtss@1.0", "chtss@0.5", "gmp", "gmp@0.5"]
+
+# The second protocol: the paper's LLaMA-60M run (10 000 steps, Δ 100 → 75 updates while t ≤ 7 500, 1 000 warm-up
+# steps, a 10-step LR re-warm-up in the released recipe, ~50 tokens per non-embedding parameter) scaled down in
+# proportion, not cut short: every step count is a fraction of the run.
+PAPER_METHODS = ["dense", "set", "rigl", "chts", "chtss@1.0", "chtss-released@0.5", "chts-released"]
+PAPER_PROTOCOL = dict(hidden=32, ffn=86, layers=4, heads=4, seq=128, batch=8, vocab=512, updates=75,
+                      tokens_per_param=24.0, lrs=[2e-3, 4e-3, 8e-3, 1.6e-2], densities=[0.3], zeta=0.1,
+                      curve_points=20)
+RELEASED_REWARMUP_PER_UPDATE = 10 / 100  # released recipe: 10 re-warm-up steps per Δ = 100
 
 
 # ------------------------------------------------------------------ data
@@ -118,8 +131,10 @@ def update_interval(args) -> int:
 def sparsify_config(args, method: str, density: float, seed: int):
     from hf_chts import SparsifyConfig
 
-    preset, initial = METHODS[method]
-    extra = {}
+    preset, initial, fields = METHODS[method]
+    extra = dict(fields)
+    if extra.get("parity"):  # the re-warm-up is a fraction of Δ, as every other step count
+        extra["lr_rewarmup_steps"] = max(1, round(RELEASED_REWARMUP_PER_UPDATE * update_interval(args)))
     if initial is not None:
         extra["initial_density"] = initial
         if preset == "gmp" and initial < 1.0:
@@ -165,13 +180,15 @@ def run_one(args, data, method: str, density: float, seed: int, lr: float, progr
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
     if config is not None:
-        engine = SparseTrainingEngine(model, total_steps=args.steps, optimizer=optimizer)
+        engine = SparseTrainingEngine(model, total_steps=args.steps, optimizer=optimizer, lr_scheduler=scheduler)
         report = sparsity_report(model)
         total_links, live_links = report.total_links, report.live_links  # masks change only at updates
     # the data order depends on the seed only: a permutation of the training blocks (no repeats)
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(10_000 + seed))
     needed = args.steps * args.batch
     if needed > len(order):
+        if args.protocol == "paper":  # the paper's regime: no token is seen twice
+            raise SystemExit(f"{needed} training blocks needed, the corpus has {len(order)}: lower --tokens-per-param")
         order = order.repeat(needed // len(order) + 1)
     curve_every = max(1, args.steps // args.curve_points)
     losses, curve, updates = [], [], []
@@ -193,6 +210,7 @@ def run_one(args, data, method: str, density: float, seed: int, lr: float, progr
                 updates.append(dict(step=stats.step, density=stats.density, removed=stats.removed,
                                     removed_fraction=stats.removed / max(1, live_links), lr=lr_now,
                                     regrown_in_place=stats.overlap,  # share of regrown links that were just cut
+                                    reset=stats.reset, reset_fraction=stats.reset / max(1, live_links),
                                     train_loss=sum(losses[-curve_every:]) / len(losses[-curve_every:])))
                 live_links = sparsity_report(model).live_links
         if (step + 1) % curve_every == 0 or step + 1 == args.steps:
@@ -248,8 +266,29 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "quality")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the runs already done")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 methods, 1 density, 2 LRs")
+    parser.add_argument("--protocol", choices=["short", "paper"], default="short",
+                        help="short: the fixed-budget grid above (300 steps); paper: the paper's LLaMA-60M run "
+                             "scaled down in proportion (PAPER_PROTOCOL: ≥ 20 tokens per sparsified parameter, "
+                             "no token seen twice, 75 updates, LR grid extended until the choice is inside it)")
+    parser.add_argument("--tokens-per-param", type=float, default=None,
+                        help="paper protocol: training tokens per sparsified parameter (sets --steps)")
+    parser.add_argument("--max-grid-extensions", type=int, default=3,
+                        help="paper protocol: LRs added beyond an edge of the grid when the choice lands on it")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.protocol == "paper":
+        given = {action.dest for action in parser._actions if any(flag in (argv if argv is not None else sys.argv[1:])
+                                                                  for flag in action.option_strings)}
+        for key, value in PAPER_PROTOCOL.items():
+            if key not in given:
+                setattr(args, key, value)
+        if args.tokens_per_param is None:
+            args.tokens_per_param = PAPER_PROTOCOL["tokens_per_param"]
+        args.methods = args.methods or list(PAPER_METHODS)
+        if "out" not in given:
+            args.out = common.RESULTS_DIR / "quality_paper"
+        if "steps" not in given:
+            args.steps = math.ceil(args.tokens_per_param * sparsified_params(args) / (args.batch * args.seq))
     if args.quick:
         for key, value in dict(hidden=32, ffn=64, layers=2, heads=2, seq=32, batch=4, steps=60, vocab=300,
                                eval_blocks=8, curve_blocks=4, curve_points=3, updates=10).items():
@@ -262,11 +301,17 @@ def parse_args(argv=None):
     return args
 
 
+def sparsified_params(args) -> int:
+    """Weights of the sparsified layers (q/k/v/o and gate/up/down of every block), counted dense."""
+    return args.layers * (4 * args.hidden * args.hidden + 3 * args.hidden * args.ffn)
+
+
 def budget_key(args) -> str:
     """Everything that makes two runs comparable; part of every run's resume key."""
     return (f"h{args.hidden}f{args.ffn}l{args.layers}a{args.heads}s{args.seq}b{args.batch}v{args.vocab}"
             f"|T{args.steps}d{update_interval(args)}z{args.zeta}c{args.clip}|{Path(args.corpus).name}"
-            f"|e{args.eval_blocks}" + (f"|init{args.init_std:g}" if args.init_std != 0.02 else ""))
+            f"|e{args.eval_blocks}" + (f"|init{args.init_std:g}" if args.init_std != 0.02 else "")
+            + ("|paper" if args.protocol == "paper" else ""))
 
 
 def run_key(args, method: str, density: float, seed: int, lr: float) -> str:
@@ -302,7 +347,9 @@ def main(argv=None) -> dict:
     data = build_data(args, args.out / "cache")
     budget = (f"LLaMA hidden {args.hidden} / ffn {args.ffn} / {args.layers} layers / {args.heads} heads, vocab "
               f"{data['vocab']}, seq {args.seq}, batch {args.batch}, {args.steps} steps = "
-              f"{args.steps * args.batch * args.seq:,} tokens per run; corpus {Path(args.corpus).name}: "
+              f"{args.steps * args.batch * args.seq:,} tokens per run "
+              f"({args.steps * args.batch * args.seq / sparsified_params(args):.1f} per sparsified parameter, "
+              f"{sparsified_params(args):,} of them); corpus {Path(args.corpus).name}: "
               f"{data['tokens']['train']:,} train / {data['tokens']['val']:,} val / {data['tokens']['test']:,} test "
               f"tokens (val/test evaluated on {len(data['val'])} / {len(data['test'])} blocks); Δ={update_interval(args)}"
               f" (updates while t ≤ {int(0.75 * args.steps)}), ζ={args.zeta}; LR grid {args.lrs}, selection seed "
@@ -331,11 +378,19 @@ def main(argv=None) -> dict:
                 if (method, args.select_density) in chosen:  # reuse the LR chosen at --select-density
                     chosen[(method, density)] = chosen[(method, args.select_density)]
                 continue
-            rows = [r for lr in args.lrs if (r := run(method, density, args.select_seed, lr)) is not None]
+            grid = sorted(args.lrs)
+            rows = [r for lr in grid if (r := run(method, density, args.select_seed, lr)) is not None]
+            if args.protocol == "paper":  # an optimum on the grid's edge: extend the grid beyond that edge
+                for _ in range(args.max_grid_extensions):
+                    if len(rows) < len(grid) or choose_lr(rows) not in (grid[0], grid[-1]):
+                        break
+                    lr = grid[0] ** 2 / grid[1] if choose_lr(rows) == grid[0] else grid[-1] ** 2 / grid[-2]
+                    grid = sorted(grid + [float(f"{lr:.3g}")])
+                    rows = [r for lr in grid if (r := run(method, density, args.select_seed, lr)) is not None]
             prefix = run_key(args, method, density, args.select_seed, 0.0).rsplit("|", 1)[0] + "|"
-            off_grid = [row for key, row in done.items() if key.startswith(prefix) and row["lr"] not in args.lrs]
+            off_grid = [row for key, row in done.items() if key.startswith(prefix) and row["lr"] not in grid]
             selection.extend(rows + off_grid)  # runs at LRs outside the grid are shown, never chosen
-            if len(rows) == len(args.lrs):
+            if len(rows) == len(grid):
                 chosen[(method, density)] = choose_lr(rows)
         for seed in args.seeds:  # phase 2: every test seed at the chosen LR
             for method, density in group:

@@ -72,6 +72,7 @@ class UpdateStats:
     removed: int
     regrown: int
     overlap: float  # |removed ∩ regrown| / |regrown| (epitopological local minimum indicator)
+    reset: int  # links that start at weight 0 with zero moments: empty before the update or cut by decay pruning
     removal_fraction: float
     temperature: float
     seconds: float
@@ -86,6 +87,7 @@ class UpdateStats:
             f"{prefix}removed": float(self.removed),
             f"{prefix}regrown": float(self.regrown),
             f"{prefix}overlap": self.overlap,
+            f"{prefix}reset": float(self.reset),
             f"{prefix}removal_fraction": self.removal_fraction,
             f"{prefix}update_seconds": self.seconds,
         }
@@ -295,7 +297,9 @@ class SparseTrainingEngine:
                              "with optimizer=... (or call attach_optimizer) so it can capture it before the step")
         old_masks = {name: layer.mask.clone() for name, layer in self.layers.items()}
         budgets = {name: self._block_budgets(name, density) for name in self.layers}
-        masks = {name: self._prune_and_remove(name, budgets[name], zeta, temperature) for name in self.layers}
+        pruned, masks = {}, {}
+        for name in self.layers:
+            pruned[name], masks[name] = self._prune_and_remove(name, budgets[name], zeta, temperature)
         if self.config.percolation and (self.topology.attention or self.topology.mlp):
             masks.update(percolate(masks, self.topology, rope_aware=self.config.rope_aware,
                                    constant_rows=constant_output_rows(self.layers)).masks)
@@ -303,18 +307,23 @@ class SparseTrainingEngine:
         active, total = active_neurons(masks, self.topology)
         grown = {name: self._regrow(name, masks[name], budgets[name]) for name in self.layers}
 
-        removed_total = regrown_total = overlap_total = 0
+        removed_total = regrown_total = overlap_total = reset_total = 0
         for name, layer in self.layers.items():
             removed = old_masks[name] & ~(masks[name] & ~grown[name])  # cut during this update, incl. re-grown
             removed_total += int(removed.sum())
             regrown_total += int(grown[name].sum())
             overlap_total += int((removed & grown[name]).sum())
-            self._apply_layer_update(layer, masks[name], grown[name])
+            # Faithful update (docs/algorithms.md §1): the mask is written once, at the end; a link
+            # live after decay pruning that is live again now keeps its weight and moments, even
+            # when removal cut it and regrowth put it back. Everything else starts at 0.
+            keep = masks[name] & pruned[name]
+            reset_total += int((masks[name] & ~keep).sum())
+            self._apply_layer_update(layer, masks[name], keep)
         stats = UpdateStats(
             step=step, target_density=density, density=self.density(),
             anp=sum(active.values()) / max(sum(total.values()), 1),
             removed=removed_total, regrown=regrown_total,
-            overlap=overlap_total / regrown_total if regrown_total else 0.0,
+            overlap=overlap_total / regrown_total if regrown_total else 0.0, reset=reset_total,
             removal_fraction=zeta, temperature=temperature, seconds=time.perf_counter() - started,
             layer_density={name: float(mask.sum()) / mask.numel() for name, mask in masks.items()},
         )
@@ -330,11 +339,15 @@ class SparseTrainingEngine:
         total = link_budget(density, mask.numel(), self.config.budget_rounding)
         return allocate_links(total, [len(b.rows) * mask.shape[1] for b in blocks])
 
-    def _prune_and_remove(self, name: str, budgets: list[int], zeta: float, temperature: float) -> torch.Tensor:
-        """Prune each block to its budget by importance top-k, then remove ζ·live links (docs/algorithms.md §3.3)."""
+    def _prune_and_remove(self, name: str, budgets: list[int], zeta: float,
+                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prune each block to its budget by importance top-k, then remove ζ·live links (docs/algorithms.md §3.3).
+
+        Returns the mask after the decay pruning and the mask after the removal."""
         layer = self.layers[name]
         weight = layer.full_logical_weight().detach()
         mask = layer.mask.clone()
+        pruned = mask.clone()
         # Rounded-down budgets (released) sit one link below a constant-density layer's initial
         # count; the released code then regrows one link less instead of pruning (docs/parity.md).
         prunes = self.schedule.kind != "constant" or self.config.budget_rounding == "nearest"
@@ -342,13 +355,14 @@ class SparseTrainingEngine:
             block_mask, block_weight = mask[block.rows], weight[block.rows]
             if prunes and int(block_mask.sum()) > budget:  # density decay: the only step that changes density
                 block_mask = prune_to_count(block_weight, block_mask, budget, self.config.prune_alpha)
+                pruned[block.rows] = block_mask
             live = int(block_mask.sum())
             n_remove = int(math.floor(zeta * live))
             if n_remove > 0:
                 block_mask = soft_removal(block_weight, block_mask, live - n_remove, self.config.removal_alpha,
                                           temperature, generator=self.generator)
             mask[block.rows] = block_mask
-        return mask
+        return pruned, mask
 
     def _regrow(self, name: str, mask: torch.Tensor, budgets: list[int]) -> torch.Tensor:
         """Refill each block of ``mask`` (in place) to its budget (docs/algorithms.md §5); returns the grown links."""
@@ -373,19 +387,19 @@ class SparseTrainingEngine:
             grown[block.rows] = block_grown.view_as(block_mask)
         return grown
 
-    def _apply_layer_update(self, layer: SparseLayerMixin, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
-        """Write the mask, zero regrown weights, zero the moments of cut and regrown links (docs/algorithms.md §1)."""
+    def _apply_layer_update(self, layer: SparseLayerMixin, new_mask: torch.Tensor, keep: torch.Tensor) -> None:
+        """Write the mask; zero the weight and moments of every position outside ``keep`` (docs/algorithms.md §1)."""
         layer.set_mask(new_mask)
-        keep = (new_mask & ~grown).to(layer.mask.device)  # surviving links keep weight and moments
+        keep = keep.to(layer.mask.device)  # links that keep their weight and moments
         weight = layer.weight
         weight_keep = layer.shard_like_weight(layer.storage_view(keep))
-        zero_masked_(weight, weight_keep)  # regrown links start at exactly 0
+        zero_masked_(weight, weight_keep)  # cut links and newly grown links: exactly 0
         if self.optimizer is not None:
             for value in self.optimizer.state.get(weight, {}).values():
                 if not (torch.is_tensor(value) and value.shape == weight.shape):
                     continue
                 if value.is_floating_point():
-                    zero_masked_(value, weight_keep)  # cut and regrown links: exactly 0, NaN/inf included
+                    zero_masked_(value, weight_keep)  # cut and newly grown links: exactly 0, NaN/inf included
                 elif not self._warned_state_dtype:  # e.g. 8-bit quantised moments: code 0 is not the value 0
                     self._warned_state_dtype = True
                     logger.warning("hf_chts: optimizer state of dtype %s cannot be reset for regrown links; "
@@ -472,7 +486,8 @@ class SparseTrainingEngine:
         self.generator.set_state(state["generator_state"])
         for name, mask in state["masks"].items():
             self.layers[name].set_mask(mask)
-        self.history = [UpdateStats(**stats) for stats in state.get("history", [])]
+        # records written before hf_chts counted reset links say -1 ("not recorded")
+        self.history = [UpdateStats(**{"reset": -1, **stats}) for stats in state.get("history", [])]
         self._prepare_next_step()
 
     def close(self) -> None:

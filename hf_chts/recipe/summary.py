@@ -29,7 +29,7 @@ def _safe_exp(value: float | None) -> float | None:
 def sparsity_history(callback) -> list[dict[str, Any]]:
     engine = getattr(callback, "engine", None)
     history = getattr(engine, "history", None) or []
-    keep = ("step", "target_density", "density", "anp", "overlap", "removed", "regrown", "removal_fraction")
+    keep = ("step", "target_density", "density", "anp", "overlap", "removed", "regrown", "reset", "removal_fraction")
     return [{key: getattr(stats, key) for key in keep} for stats in history]
 
 
