@@ -74,6 +74,10 @@ def test_fsdp2_two_processes_gather_full_weights_and_shard_masks(tmp_path):
     # FSDP's reduce-scatter sums gradients in another order than one process does, so weights differ in the
     # last bits and soft sampling may move a handful of links; the first update must agree exactly.
     assert ranks[0]["checksums"][0] == single["checksums"][0]
+    # the faithful update holds on the shards: live-before-and-after links changed only where decay pruning cut them
+    for run in (*ranks, single):
+        assert len(run["changed_live"]) == 4 and all(0 <= c <= r for c, r in zip(run["changed_live"], run["decay_cut"]))
+    assert ranks[0]["changed_live"][0] == single["changed_live"][0] and ranks[0]["decay_cut"] == single["decay_cut"]
     moved = sum(int((mask != single["masks"][name]).sum()) for name, mask in ranks[0]["masks"].items())
     total = sum(int(mask.sum()) for mask in single["masks"].values())
     assert moved <= 0.01 * total

@@ -43,16 +43,44 @@ def main(output_dir: str, mode: str) -> None:
     total_steps = 16
     engine = SparseTrainingEngine(model, total_steps=total_steps, optimizer=optimizer)
     generator = torch.Generator().manual_seed(1)
-    checksums, invariant = [], True
-    for _ in range(total_steps):
+    checksums, invariant, changed_live, resets = [], True, [], []  # resets: links the decay pruning cut
+
+    def local_state():  # this rank's shard of every weight and Adam moment, and of its mask
+        state = {}
+        for name, layer in sparse_layers(model).items():
+            local = (lambda t: t.to_local() if layer.is_sharded else t)
+            moments = optimizer.state.get(layer.weight, {})
+            state[name] = (local(layer.storage_mask()).clone(), local(layer.weight).detach().clone(),
+                           *(local(moments[key]).clone() for key in ("exp_avg", "exp_avg_sq") if key in moments))
+        return state
+
+    for step in range(total_steps):
         batch = torch.randint(0, 128, (8, 16), generator=generator)
         local = batch[rank::world]
         model(input_ids=local, labels=local).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if engine.step() is not None:
+        before = local_state() if (step + 1) % 3 == 0 else None
+        live_before = sum(int(layer.mask.sum()) for layer in sparse_layers(model).values())
+        stats = engine.step()
+        if stats is not None:
             engine.verify_masks_across_ranks()
             checksums.append(engine.mask_checksum())
+            # faithful update (docs/algorithms.md §1): a link live before and after the update changes its weight
+            # or moments only if the decay pruning cut it (then it is one of the `reset` links)
+            after, changed = local_state(), torch.zeros(())
+            for name, (mask, *values) in before.items():
+                new_mask, *new_values = after[name]
+                both = mask & new_mask
+                differs = torch.zeros_like(both)
+                for old, new in zip(values, new_values):
+                    differs |= old != new
+                changed += int((both & differs).sum())
+            if distributed:
+                dist.all_reduce(changed)
+            changed_live.append(int(changed))
+            # decay pruning cuts the layer to the new budget, regrowth refills to it: it cut live_before − live_after
+            resets.append(live_before - sum(int(layer.mask.sum()) for layer in sparse_layers(model).values()))
         for layer in sparse_layers(model).values():
             local_weight = layer.weight.to_local() if layer.is_sharded else layer.weight
             local_mask = layer.storage_mask().to_local() if layer.is_sharded else layer.storage_mask()
@@ -63,7 +91,8 @@ def main(output_dir: str, mode: str) -> None:
                     invariant &= bool(torch.all(local_value[~local_mask] == 0))
     sharded = any(layer.is_sharded for layer in sparse_layers(model).values())
     masks = {name: layer.mask.clone() for name, layer in sparse_layers(model).items()}
-    torch.save({"masks": masks, "checksums": checksums, "invariant": invariant, "sharded": sharded, "world": world},
+    torch.save({"masks": masks, "checksums": checksums, "invariant": invariant, "sharded": sharded, "world": world,
+                "changed_live": changed_live, "decay_cut": resets},
                os.path.join(output_dir, f"result-{mode}-rank{rank}.pt"))
     if distributed:
         dist.destroy_process_group()
