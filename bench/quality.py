@@ -331,6 +331,21 @@ def choose_lr(rows: list[dict]) -> float:
     return min(rows, key=lambda row: row["val_loss"])["lr"]
 
 
+def select_on_grid(run_at, lrs: list[float], extensions: int) -> tuple[list[float], list[dict]]:
+    """Run every LR of the grid; while the best validation loss sits on an edge of the grid, add the next LR
+    beyond that edge (same ratio as its neighbour), at most ``extensions`` times. Returns the grid and its
+    runs (``run_at`` returns None for a run that was not done; the grid then stays as it is)."""
+    grid = sorted(lrs)
+    rows = [r for lr in grid if (r := run_at(lr)) is not None]
+    for _ in range(extensions):
+        if len(rows) < len(grid) or choose_lr(rows) not in (grid[0], grid[-1]):
+            break
+        lr = grid[0] ** 2 / grid[1] if choose_lr(rows) == grid[0] else grid[-1] ** 2 / grid[-2]
+        grid = sorted(grid + [float(f"{lr:.3g}")])
+        rows = [r for lr in grid if (r := run_at(lr)) is not None]
+    return grid, rows
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
@@ -378,15 +393,8 @@ def main(argv=None) -> dict:
                 if (method, args.select_density) in chosen:  # reuse the LR chosen at --select-density
                     chosen[(method, density)] = chosen[(method, args.select_density)]
                 continue
-            grid = sorted(args.lrs)
-            rows = [r for lr in grid if (r := run(method, density, args.select_seed, lr)) is not None]
-            if args.protocol == "paper":  # an optimum on the grid's edge: extend the grid beyond that edge
-                for _ in range(args.max_grid_extensions):
-                    if len(rows) < len(grid) or choose_lr(rows) not in (grid[0], grid[-1]):
-                        break
-                    lr = grid[0] ** 2 / grid[1] if choose_lr(rows) == grid[0] else grid[-1] ** 2 / grid[-2]
-                    grid = sorted(grid + [float(f"{lr:.3g}")])
-                    rows = [r for lr in grid if (r := run(method, density, args.select_seed, lr)) is not None]
+            extensions = args.max_grid_extensions if args.protocol == "paper" else 0
+            grid, rows = select_on_grid(lambda lr: run(method, density, args.select_seed, lr), args.lrs, extensions)
             prefix = run_key(args, method, density, args.select_seed, 0.0).rsplit("|", 1)[0] + "|"
             off_grid = [row for key, row in done.items() if key.startswith(prefix) and row["lr"] not in grid]
             selection.extend(rows + off_grid)  # runs at LRs outside the grid are shown, never chosen

@@ -86,6 +86,50 @@ def test_learning_rate_is_chosen_on_validation_loss_only():
     assert quality.choose_lr(rows) == 3e-3
 
 
+def test_paper_protocol_scales_the_paper_run_down_in_proportion():
+    quality = load("quality")
+    args = quality.parse_args(["--protocol", "paper", "--corpus", "unused"])
+    tokens = args.steps * args.batch * args.seq
+    assert tokens / quality.sparsified_params(args) >= 20  # the paper trains ~50 tokens per parameter
+    interval = quality.update_interval(args)
+    assert int(0.75 * args.steps) // interval >= 70  # ≥ 70 topology updates while t ≤ 0.75 T
+    assert len(args.lrs) >= 3 and args.methods == quality.PAPER_METHODS and args.zeta == 0.1
+    released = quality.sparsify_config(args, "chtss-released@0.5", 0.3, seed=0)
+    assert released.parity and released.initial_density == 0.5 and released.decay_end_fraction == 0.8
+    # the released 10-step re-warm-up per Δ = 100, scaled to this Δ
+    assert released.lr_rewarmup_steps == max(1, round(0.1 * interval))
+    assert not quality.sparsify_config(args, "chts", 0.3, seed=0).parity
+    assert quality.parse_args(["--protocol", "paper", "--hidden", "48"]).hidden == 48  # explicit flags win
+    short = quality.parse_args([])
+    assert short.steps == 300 and short.protocol == "short"
+
+
+def test_lr_grid_is_extended_until_the_choice_is_inside():
+    quality = load("quality")
+    best = 0.05  # validation loss is lowest at 0.05, beyond the grid's upper edge
+    calls = []
+
+    def run_at(lr):
+        calls.append(lr)
+        return dict(lr=lr, val_loss=abs(math.log(lr / best)))
+
+    grid, rows = quality.select_on_grid(run_at, [3e-3, 6e-3, 1.2e-2], extensions=5)
+    chosen = quality.choose_lr(rows)
+    assert grid[0] < chosen < grid[-1] and len(rows) == len(grid)
+    assert grid[:3] == [3e-3, 6e-3, 1.2e-2] and grid[3] == pytest.approx(2.4e-2) and grid[4] == pytest.approx(4.8e-2)
+    assert quality.select_on_grid(run_at, [3e-3, 6e-3, 1.2e-2], extensions=0)[0] == [3e-3, 6e-3, 1.2e-2]
+    assert quality.select_on_grid(lambda lr: None, [1e-3, 2e-3, 4e-3], extensions=3)[0] == [1e-3, 2e-3, 4e-3]
+
+
+def test_every_chtss_variant_is_paired_with_chts_set_and_every_method_with_dense():
+    report = load("_quality_report")
+    pairs = report.paired_methods(["dense", "set", "chts", "chtss@1.0", "chtss-released@0.5", "chts-released"])
+    assert ("chtss@1.0", "chts") in pairs and ("chtss@1.0", "set") in pairs and ("chtss@1.0", "chts-released") in pairs
+    assert ("chtss-released@0.5", "chts-released") in pairs
+    assert {a for a, b in pairs if b == "dense"} == {"set", "chts", "chtss@1.0", "chtss-released@0.5", "chts-released"}
+    assert ("set", "chts") not in pairs and ("dense", "dense") not in pairs
+
+
 @pytest.mark.slow
 def test_quality_quick(tmp_path):
     quality = load("quality")
