@@ -139,6 +139,10 @@ def schedule_diagnostics(tested: list[dict]) -> list[dict]:
             dense_phase_cut=statistics.mean(u["removed_fraction"] for us in near_dense for u in us)
             if any(near_dense) else float("nan"),
             mean_cut=statistics.mean(u["removed_fraction"] for r in group for u in r["update_log"]),
+            # links (re)initialised to 0 per update / live links (runs recorded before the count existed: nan)
+            mean_reset=statistics.mean(u.get("reset_fraction", math.nan) for r in group for u in r["update_log"]),
+            dense_phase_reset=statistics.mean(u.get("reset_fraction", math.nan) for us in near_dense for u in us)
+            if any(near_dense) else float("nan"),
             max_cut=statistics.mean(u["removed_fraction"] for u in harshest),
             max_cut_step=statistics.median(u["step"] for u in harshest),
             lr_at_max_cut=statistics.mean(u["lr"] for u in harshest),
@@ -151,15 +155,19 @@ def schedule_diagnostics(tested: list[dict]) -> list[dict]:
 def diagnostics_table(diagnostics: list[dict]) -> str:
     rows = [dict(method=d["method"], density=f"{d['density']:.2f}", mean_cut=f"{d['mean_cut']:.3f}",
                  phase=f"{d['dense_phase_updates']:.0f}", phase_cut=common.fmt(d["dense_phase_cut"], ".3f"),
+                 reset=common.fmt(d.get("mean_reset", math.nan), ".3f"),
+                 phase_reset=common.fmt(d.get("dense_phase_reset", math.nan), ".3f"),
                  max_cut=f"{d['max_cut']:.3f}", step=f"{d['max_cut_step']:.0f}", lr=f"{d['lr_at_max_cut']:.2e}",
                  loss=f"{d['loss_at_max_cut']:.3f}", dense=common.fmt(d["dense_loss_there"], ".3f"))
             for d in diagnostics]
     columns = [("method", "method"), ("density", "density"), ("mean_cut", "mean cut/update"),
-               ("phase", "updates at density ≥ 0.9"), ("phase_cut", "cut/update there"),
+               ("reset", "reset/update"), ("phase", "updates at density ≥ 0.9"), ("phase_cut", "cut/update there"),
+               ("phase_reset", "reset/update there"),
                ("max_cut", "max cut/update"), ("step", "at step"), ("lr", "LR there"), ("loss", "train loss there"),
                ("dense", "dense's train loss there")]
-    return common.table(rows, columns, "Topology schedule: fraction of live links cut per update "
-                                       "(scheduled pruning + removal; mean over test seeds)")
+    return common.table(rows, columns, "Topology schedule: fraction of live links cut per update (scheduled "
+                                       "pruning + removal) and reset to 0 per update (empty before it or cut by its "
+                                       "decay pruning); mean over test seeds")
 
 
 def plot_curves(tested: list[dict], out: Path) -> list[Path]:
