@@ -60,7 +60,7 @@ DEFAULT_METHODS = ["dense", "set", "rigl", "chts", "chtss@1.0", "chtss@0.5", "gm
 # steps, a 10-step LR re-warm-up in the released recipe, ~50 tokens per non-embedding parameter) scaled down in
 # proportion, not cut short: every step count is a fraction of the run.
 PAPER_METHODS = ["dense", "set", "rigl", "chts", "chtss@1.0", "chtss-released@0.5", "chts-released"]
-PAPER_PROTOCOL = dict(hidden=32, ffn=86, layers=4, heads=4, seq=128, batch=16, vocab=512, updates=75,
+PAPER_PROTOCOL = dict(hidden=24, ffn=64, layers=4, heads=4, seq=128, batch=8, vocab=512, updates=75,
                       tokens_per_param=20.0, lrs=[3e-3, 6e-3, 1.2e-2], densities=[0.3], zeta=0.1,
                       curve_points=20)
 RELEASED_REWARMUP_PER_UPDATE = 10 / 100  # released recipe: 10 re-warm-up steps per Δ = 100
