@@ -273,12 +273,13 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
     return folder
 
 
-def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | None:
+def write_sparsity_files(model: nn.Module, path: str | os.PathLike, *, card_kwargs: dict | None = None) -> Path | None:
     """(Re)write only ``sparsity.safetensors``, ``sparsify_config.json`` and the model card into an
     existing checkpoint folder, e.g. to refresh the engine progress of a Trainer checkpoint whose
     weights a path other than ``save_pretrained`` wrote. The weights in the folder must already be
     the model's masked weights; they join the new save's manifest. Committed like a save (every
-    other file is kept, hard-linked into the new folder).
+    other file is kept, hard-linked into the new folder). ``card_kwargs`` go to the model card
+    (e.g. ``eval_results``).
 
     Returns the folder on the main process, ``None`` elsewhere.
     """
@@ -301,7 +302,8 @@ def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | No
         fault_point("sparsity-written")
         record = _config_record(model, compact=compact, engine_record=_MISSING, save_id=save_id, manifest={})
         card = write_model_card(staging, record=record, model=model,  # docs/hub.md#2-the-model-card
-                                existing_card=folder / CARD_FILE, repo_id=folder.resolve().name)
+                                existing_card=folder / CARD_FILE,
+                                **{"repo_id": folder.resolve().name, **(card_kwargs or {})})
         names = sorted(p.name for p in staging.iterdir() if p.is_file() and (
             is_weight_file(p.name) or p.name in (SPARSITY_FILE, SPARSE_WEIGHTS_FILE, "config.json",
                                                  "generation_config.json") or (card and p.name == CARD_FILE)))

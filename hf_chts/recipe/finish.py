@@ -114,6 +114,13 @@ def run_lm_eval(recipe: Recipe, model, tokenizer, data: LMData) -> dict[str, Any
             "metrics": evaluation.finite_metrics(results), "results": evaluation.jsonable_results(results)}
 
 
+def add_results_to_final_card(model, final_dir: Path, lm_eval: dict[str, Any] | None) -> None:
+    """Put the lm-eval scores into ``final_dir``'s model card: a new save of its card and sparsity files
+    (the weights are kept), so the checkpoint stays one verified save. Nothing to do without results."""
+    if lm_eval and lm_eval.get("metrics"):
+        write_sparsity_files(model, final_dir, card_kwargs={"eval_results": lm_eval["metrics"]})
+
+
 # ---------------------------------------------------------------- all steps in order
 def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, started: float,
                train_output=None, dense_baseline: dict | None = None) -> dict[str, Any]:
@@ -133,6 +140,7 @@ def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, st
         reloaded = reload_final_checkpoint(recipe, trainer.model, final_dir)
         reload_check = check_reload(recipe, trainer.model, reloaded, data, final_dir)
         lm_eval = run_lm_eval(recipe, reloaded if reloaded is not None else trainer.model, tokenizer, data)
+        add_results_to_final_card(trainer.model, final_dir, lm_eval)
         summary = build_summary(recipe, trainer, callback, data, report=report, metrics=metrics, ranks=ranks,
                                 reload_check=reload_check, lm_eval=lm_eval, final_dir=final_dir, started=started,
                                 train_output=train_output, dense_baseline=dense_baseline)

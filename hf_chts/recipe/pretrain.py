@@ -91,7 +91,8 @@ def main(argv=None):
     full_state_dict = R.gather_full_state_dict(trainer)
 
     # 9. The main process saves the sparse checkpoint final/, reloads it with load_sparse and checks
-    #    that it reproduces the trained model, runs lm-eval on it, and writes run_summary.json + plot.
+    #    that it reproduces the trained model, runs lm-eval on it (scores added to final/'s model card),
+    #    and writes run_summary.json + plot.
     if trainer.is_world_process_zero():
         model = trainer.model
         report = hf_chts.sparsity_report(model)
@@ -100,6 +101,7 @@ def main(argv=None):
         reloaded = R.reload_final_checkpoint(recipe, model, final_dir)
         reload_check = R.check_reload(recipe, model, reloaded, data, final_dir)
         lm_eval = R.run_lm_eval(recipe, reloaded if reloaded is not None else model, tokenizer, data)
+        R.add_results_to_final_card(model, final_dir, lm_eval)  # the scores reach final/README.md
         summary = R.build_summary(recipe, trainer, callback, data, report=report, metrics=metrics, ranks=ranks,
                                   reload_check=reload_check, lm_eval=lm_eval, final_dir=final_dir, started=started,
                                   train_output=output, dense_baseline=dense_baseline)
