@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     internal error: traceback, a request to report it, status 1. ``--debug``
     shows the traceback of user errors too.
     """
+    from .verbosity import enable_command_line_messages
+
+    enable_command_line_messages()  # hf_chts's messages (logger "hf_chts", INFO and above) on stderr
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]

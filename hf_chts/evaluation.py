@@ -382,7 +382,6 @@ def eval_command(args) -> int:
         raise ValueError(f"--update-card rewrites the model card of a local checkpoint folder; {args.checkpoint!r} "
                          "is not one (download it first, e.g. with huggingface_hub.snapshot_download)")
     names = _task_list(args.tasks)
-    manager = make_task_manager(names, args.include_path)  # an unknown task is refused before the model loads
     folder = resolve_checkpoint(args.checkpoint, revision=getattr(args, "revision", None))
     output = results_output_path(args.output_path, folder)
     verified_record(folder)  # every file from one save, regular files only, before the tokenizer opens any
@@ -392,6 +391,7 @@ def eval_command(args) -> int:
         raise ValueError(f"{folder}: no loadable tokenizer in the checkpoint ({type(error).__name__}: {error}); "
                          "save it there with hf_chts.save_sparse(model, folder, tokenizer=tokenizer) or "
                          "tokenizer.save_pretrained(folder)") from error
+    manager = make_task_manager(names, args.include_path)  # an unknown task is refused before the model loads
     dtype = model_args.get("dtype")
     dtype_kwargs = {"dtype": dtype} if dtype else {}
     if getattr(args, "inference", False):  # sparse kernels, only live weights in memory (docs/inference.md)

@@ -502,11 +502,11 @@ def test_non_run_folder_is_never_overwritten(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
-def test_plot_is_optional(tmp_path, monkeypatch, capsys):
+def test_plot_is_optional(tmp_path, monkeypatch, caplog):
     summary = {"steps": 10, "sparsity_history": [], "loss_curve": {"train": [], "eval": []}, "recipe_name": "x"}
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert R.plot_training_curves(summary, SparsifyConfig(update_interval=2), tmp_path / "p.png") is False
-    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "p.png").exists()
+    assert "matplotlib is not installed" in caplog.text and not (tmp_path / "p.png").exists()
 
 
 def test_fsdp_accelerate_config_is_fsdp2():
@@ -603,7 +603,7 @@ def test_weights_are_sharded_follows_the_sparse_layers(monkeypatch, tmp_path):
     assert R.finish.weights_are_sharded(model) is True
 
 
-def test_finish_run_with_sharded_weights_uses_collective_eval_and_gathered_state_dict(tmp_path, monkeypatch, capsys):
+def test_finish_run_with_sharded_weights_uses_collective_eval_and_gathered_state_dict(tmp_path, monkeypatch, caplog):
     """FSDP2: the rank-0-only forward passes / save_sparse would deadlock; they must not run."""
     import hf_chts.checkpoint
     import torch
@@ -628,7 +628,7 @@ def test_finish_run_with_sharded_weights_uses_collective_eval_and_gathered_state
     assert calls.count("evaluate") == 1 and calls.count("get_state_dict") == 1
     assert calls.index("get_state_dict") < calls.index("wait_for_everyone")
     assert summary["val_loss"] == 4.5 and summary["reload_check"] is None
-    assert "skipping the in-memory vs reloaded comparison" in capsys.readouterr().out
+    assert "skipping the in-memory vs reloaded comparison" in caplog.text
     final = recipe.output_dir / R.FINAL_DIR
     assert (final / "sparsity.safetensors").exists() and (final / "sparsify_config.json").exists()
     reloaded = load_sparse(str(final))
