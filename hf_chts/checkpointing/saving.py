@@ -124,9 +124,20 @@ def _config_record(model: nn.Module, *, compact: bool, engine_record: Any, save_
 
 
 def _reapply_masks(model: nn.Module) -> None:
-    """Zero every sparsified weight at its masked positions (in place; a no-op when the invariant holds)."""
+    """Zero every sparsified weight at its masked positions (in place; a no-op when the invariant holds),
+    warning loudly, with the layers, when some were not 0: the saved model then differs from the one in memory."""
+    layers = sparse_layers(model)
+    leaking = {name: count for name, layer in layers.items() if (count := layer.masked_nonzero())}
+    if leaking:
+        names = sorted(leaking)
+        logger.warning(
+            "hf_chts: %d weights are not 0 at masked positions in %d sparsified layer(s) (%s%s); the save zeroes "
+            "them, so the saved model's outputs differ from the model's before the save. peft's "
+            "merge_and_unload() does this: merge a LoRA adapter with hf_chts.merge_lora(peft_model) instead "
+            "(it keeps the masks; docs: README 'LoRA')", sum(leaking.values()), len(names), ", ".join(names[:5]),
+            ", ..." if len(names) > 5 else "")
     with torch.no_grad():
-        for layer in sparse_layers(model).values():
+        for layer in layers.values():
             layer.apply_mask_()
 
 
