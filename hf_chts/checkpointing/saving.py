@@ -33,7 +33,7 @@ from ..model_card import CARD_FILE, write_model_card
 from ..state import find_state, unwrap_model
 from ..version import __version__
 from .commit import fault_point, staged_commit
-from .compact import compact_split
+from .compact import compact_split, mark_config_compact
 from .format import (
     CONFIG_FILE, FORMAT_VERSION, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, dump_record_json, encode_engine_state,
     is_weight_file, mask_entries, weight_key,
@@ -206,6 +206,7 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
         if compact:
             dense_part, values, metadata = compact_split(model, state_dict, save_id)
             original_save(staging, state_dict=dense_part, is_main_process=True, push_to_hub=False, **save_kwargs)
+            mark_config_compact(staging)  # a vanilla from_pretrained refuses it, naming load_sparse
             save_file(values, str(staging / SPARSE_WEIGHTS_FILE), metadata=metadata)
         else:
             original_save(staging, state_dict=state_dict, is_main_process=True, push_to_hub=False, **save_kwargs)
