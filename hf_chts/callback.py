@@ -90,7 +90,8 @@ class CHTssTrainerCallback(TrainerCallback, ExportableState):
     Args:
         config: the :class:`SparsifyConfig` (or its ``to_dict()``); used to sparsify the model
             when ``sparsify()`` was not called yet (otherwise the model's own config wins).
-        log_per_layer: also log each layer's density (``sparsity/layer/<name>``).
+        log_per_layer: also log each layer's density (``sparsity/layer/<name>``); off by default,
+            as in a recipe (``run.log_per_layer_density``).
         check_ranks: compare a checksum of the masks across processes after
             every update and raise if they differ (default: env ``HF_CHTS_DEBUG=1``).
         calibration_batch: model inputs for ``init='csti'`` when the callback sparsifies.
@@ -99,7 +100,7 @@ class CHTssTrainerCallback(TrainerCallback, ExportableState):
             other difference is refused with the list of differing fields.
     """
 
-    def __init__(self, config: SparsifyConfig | dict | None = None, *, log_per_layer: bool = True,
+    def __init__(self, config: SparsifyConfig | dict | None = None, *, log_per_layer: bool = False,
                  check_ranks: bool | None = None, calibration_batch=None, allow_config_change=None) -> None:
         if isinstance(config, dict):  # from trainer_state.json (ExportableState.from_state)
             config = SparsifyConfig.from_dict(config)

@@ -63,14 +63,19 @@ def _add_eval(subparsers) -> None:
         "eval",
         help="zero-shot evaluation of a sparse checkpoint with lm-eval-harness",
         description="Run lm-eval tasks on a checkpoint folder or Hub repo id (dense, masked or compact format) and "
-        "write lm-eval's results JSON with the model's density and ANP added.",
+        "write lm-eval's results JSON with the model's density and ANP added. The checkpoint is not modified "
+        "unless --update-card is given.",
     )
     parser.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     parser.add_argument("--include-path", default=None, help="folder of extra task YAMLs (local tasks)")
     parser.add_argument("--output-path", "--output", dest="output_path", default=None,
                         help="where lm-eval's EvaluationTracker saves the results: a folder (<folder>/<model>/"
-                        "results_<time>.json) or a .json path (<name>_<time>.json); default: the checkpoint folder")
+                        "results_<time>.json) or a .json path (<name>_<time>.json); default: ./eval_results (never "
+                        "inside the checkpoint)")
+    parser.add_argument("--update-card", action="store_true",
+                        help="also add the results to the checkpoint's hf_chts model card (a new save of its card "
+                        "and sparsity files); without it the checkpoint is only read")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=float, default=None, help="evaluate only this many examples per task")
     parser.add_argument("--num-fewshot", type=int, default=None)
@@ -157,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     internal error: traceback, a request to report it, status 1. ``--debug``
     shows the traceback of user errors too.
     """
+    from .verbosity import enable_command_line_messages
+
+    enable_command_line_messages()  # hf_chts's messages (logger "hf_chts", INFO and above) on stderr
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]

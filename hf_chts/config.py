@@ -10,6 +10,7 @@ validated on construction and round-trips through JSON; like a PEFT config it ha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -408,3 +409,25 @@ class SparsifyConfig(ConfigHubMixin):
     def load(cls, path: str | os.PathLike) -> "SparsifyConfig":
         """Read the config file ``path`` (an alias of :meth:`from_file`; prefer :meth:`from_pretrained`)."""
         return cls.from_file(path)
+
+
+def _refuse_unknown_fields(init):
+    """Wrap the dataclass ``__init__`` so that a mistyped keyword names the closest field
+    (``SparsifyConfig(update_intervall=5)`` -> ``... (did you mean 'update_interval'?)``)."""
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        known = [f.name for f in dataclasses.fields(type(self)) if not f.name.startswith("_")]
+        unknown = [key for key in kwargs if key not in known]
+        if unknown:
+            from .suggest import did_you_mean
+
+            hints = ", ".join(f"{key!r}{did_you_mean(key, known)}" for key in unknown)
+            raise TypeError(f"SparsifyConfig got unknown field(s) {hints}; the fields are listed in "
+                            "help(hf_chts.SparsifyConfig)")
+        init(self, *args, **kwargs)
+
+    return checked_init
+
+
+SparsifyConfig.__init__ = _refuse_unknown_fields(SparsifyConfig.__init__)

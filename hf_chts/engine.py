@@ -132,7 +132,7 @@ class SparseTrainingEngine:
                 "sparsified, then wrapped, converted or compiled in a way that replaced those modules. Call "
                 "sparsify() on the final model object (after such conversions), then build the optimizer and the engine."
             )
-        self.schedule = SparseSchedule.from_config(self.config, total_steps)
+        self.schedule = SparseSchedule.from_config(self.config, total_steps, warn=True)  # few updates: warned
         self.completed_steps = 0
         self.generator = torch.Generator()
         self.generator.manual_seed(self.config.seed)

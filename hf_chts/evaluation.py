@@ -140,7 +140,12 @@ def write_local_tasks(folder: str | os.PathLike, texts, *, prefix: str = "hf_cht
             "test_split": "test",
             "doc_to_text": "",
             "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+            # aggregation and direction spelled out: lm-eval warns about each one left to its default
+            "metric_list": [
+                {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+            ],
             "metadata": {"version": 1.0},
         }))
         names.append(name)
@@ -199,7 +204,7 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
 def evaluate_model(model: nn.Module, tokenizer, tasks, *, include_path: str | os.PathLike | None = None,
                    batch_size: int | str = 8, limit: int | float | None = None, num_fewshot: int | None = None,
                    device: str = "cpu", bootstrap_iters: int = 1000, evaluation_tracker=None,
-                   model_args: str = "") -> dict | None:
+                   model_args: str = "", task_manager=None) -> dict | None:
     """Zero-/few-shot evaluation of an in-memory model with lm-eval-harness.
 
     Args:
@@ -214,6 +219,7 @@ def evaluate_model(model: nn.Module, tokenizer, tasks, *, include_path: str | os
         evaluation_tracker: an ``lm_eval.loggers.EvaluationTracker`` that records the run's
             configuration (save the results with its ``save_results_aggregated``).
         model_args: lm-eval's model description for the tracker (``"pretrained=<folder>,dtype=..."``).
+        task_manager: a ``TaskManager`` from :func:`make_task_manager` (built here when ``None``).
 
     Returns:
         lm-eval's results dict plus ``results["hf_chts"] = {"density", "anp", "method", ...}``
@@ -227,7 +233,7 @@ def evaluate_model(model: nn.Module, tokenizer, tasks, *, include_path: str | os
     from lm_eval.models.huggingface import HFLM
 
     names = _task_list(tasks)
-    manager = make_task_manager(names, include_path)
+    manager = task_manager if task_manager is not None else make_task_manager(names, include_path)
     if limit is not None and float(limit).is_integer() and limit >= 1:
         limit = int(limit)  # lm-eval: >= 1 is a count of examples, < 1 a fraction
     was_training = model.training
@@ -340,8 +346,27 @@ def _saved_results_file(tracker) -> Path:
     return written
 
 
+DEFAULT_RESULTS_FOLDER = "eval_results"  # hf-chts eval's default --output-path, in the working directory
+
+
+def results_output_path(requested: str | None, folder: Path) -> str:
+    """Where lm-eval's tracker writes: ``--output-path``, by default ``./eval_results``; never inside the
+    checkpoint ``folder`` (every file there belongs to its save): an explicit path there is refused, the
+    default moves beside the checkpoint."""
+    output = Path(requested).expanduser() if requested else Path.cwd() / DEFAULT_RESULTS_FOLDER
+    checkpoint = Path(folder).resolve()
+    resolved = output.resolve()
+    if resolved == checkpoint or checkpoint in resolved.parents:
+        if requested:
+            raise ValueError(f"--output-path {requested} is inside the checkpoint {folder}: evaluation does not write "
+                             "into a checkpoint (every file there belongs to its save); choose a path outside it")
+        output = checkpoint.parent / DEFAULT_RESULTS_FOLDER
+    return str(output)
+
+
 def eval_command(args) -> int:
-    """``hf-chts eval <checkpoint-or-repo> --tasks t1,t2 [--model-args dtype=...,device=...] [--output-path p]``."""
+    """``hf-chts eval <checkpoint-or-repo> --tasks t1,t2 [--model-args dtype=...,device=...] [--output-path p]
+    [--update-card]``: the checkpoint is read only, unless ``--update-card`` asks to add the results to its card."""
     from lm_eval.loggers import EvaluationTracker
     from transformers import AutoTokenizer
 
@@ -349,7 +374,16 @@ def eval_command(args) -> int:
 
     model_args = parse_model_args(getattr(args, "model_args", None))
     device = check_device(model_args.get("device") or getattr(args, "device", None) or best_device())
+    update_card = bool(getattr(args, "update_card", False))
+    if update_card and getattr(args, "inference", False):
+        raise ValueError("--update-card needs the masked model (it rewrites the card with the sparse state): "
+                         "drop --inference")
+    if update_card and not Path(args.checkpoint).expanduser().is_dir():
+        raise ValueError(f"--update-card rewrites the model card of a local checkpoint folder; {args.checkpoint!r} "
+                         "is not one (download it first, e.g. with huggingface_hub.snapshot_download)")
+    names = _task_list(args.tasks)
     folder = resolve_checkpoint(args.checkpoint, revision=getattr(args, "revision", None))
+    output = results_output_path(args.output_path, folder)
     verified_record(folder)  # every file from one save, regular files only, before the tokenizer opens any
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
@@ -357,19 +391,19 @@ def eval_command(args) -> int:
         raise ValueError(f"{folder}: no loadable tokenizer in the checkpoint ({type(error).__name__}: {error}); "
                          "save it there with hf_chts.save_sparse(model, folder, tokenizer=tokenizer) or "
                          "tokenizer.save_pretrained(folder)") from error
+    manager = make_task_manager(names, args.include_path)  # an unknown task is refused before the model loads
     dtype = model_args.get("dtype")
     dtype_kwargs = {"dtype": dtype} if dtype else {}
     if getattr(args, "inference", False):  # sparse kernels, only live weights in memory (docs/inference.md)
         model = load_sparse(folder, inference=True, kernel=args.kernel, **dtype_kwargs)
     else:
         model = load_sparse(folder, **dtype_kwargs)
-    output = args.output_path or (str(folder) if Path(folder).is_dir() else str(Path.cwd()))
     tracker = EvaluationTracker(output_path=output)
     described = ",".join([f"pretrained={args.checkpoint}"] + [f"{k}={v}" for k, v in model_args.items()])
-    results = evaluate_model(model, tokenizer, args.tasks, include_path=args.include_path,
+    results = evaluate_model(model, tokenizer, names, include_path=args.include_path,
                              batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot,
                              device=device, bootstrap_iters=getattr(args, "bootstrap_iters", 1000),
-                             evaluation_tracker=tracker, model_args=described)
+                             evaluation_tracker=tracker, model_args=described, task_manager=manager)
     if results is None:
         return 0
     results = jsonable_results(results)
@@ -377,18 +411,23 @@ def eval_command(args) -> int:
     tracker.save_results_aggregated(results=results, samples=None)
     print(results_table(results))
     print(f"results written to {_saved_results_file(tracker)}")
-    _add_results_to_card(args.checkpoint, folder, model, results)
+    if update_card:
+        _add_results_to_card(folder, model, results)
     return 0
 
 
-def _add_results_to_card(checkpoint: str, folder: Path, model: nn.Module, results: dict) -> None:
-    """Rewrite the hf_chts model card of a local checkpoint folder with the evaluation results
-    (docs/hub.md#2-the-model-card); a README hf_chts did not write, or a Hub cache copy, is left alone."""
-    from .model_card import CARD_FILE, card_owner, write_model_card
+def _add_results_to_card(folder: Path, model: nn.Module, results: dict) -> None:
+    """Rewrite the model card of the local checkpoint ``folder`` with the evaluation results, committed as a
+    save of its sparsity files and card (docs/hub.md#2-the-model-card): later loads verify it like any
+    save. A README hf_chts did not write is kept (with a warning)."""
+    from .checkpointing.saving import write_sparsity_files
+    from .model_card import CARD_FILE, card_owner
 
-    if Path(checkpoint).expanduser().is_dir() and card_owner(folder / CARD_FILE) == "hf_chts":
-        write_model_card(folder, model=model, eval_results=finite_metrics(results))
-        print(f"model card updated: {folder / CARD_FILE}")
+    if card_owner(folder / CARD_FILE) == "user":
+        logger.warning("hf_chts: %s was not written by hf_chts; --update-card left it unchanged", folder / CARD_FILE)
+        return
+    write_sparsity_files(model, folder, card_kwargs={"eval_results": finite_metrics(results)})
+    print(f"model card updated: {folder / CARD_FILE}")
 
 
 def finite_metrics(results: dict) -> dict[str, dict[str, float]]:

@@ -133,6 +133,17 @@ class SparseLayerMixin:
     def density(self) -> float:
         return float(self.mask.sum()) / self.mask.numel()
 
+    @torch.no_grad()
+    def masked_nonzero(self) -> int:
+        """How many weights are not exactly 0 at masked positions (NaN and inf count; this rank's shard
+        under FSDP2): 0 while the masking invariant holds, many after e.g. peft's ``merge_and_unload()``."""
+        weight, keep = self.weight.detach(), self.storage_mask()
+        if is_dtensor(weight):
+            weight, keep = weight.to_local(), (keep.to_local() if is_dtensor(keep) else keep)
+        if weight.device.type == "meta":
+            return 0
+        return int(torch.count_nonzero(weight[~keep.to(weight.device)]))
+
     def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
         return f"{super().extra_repr()}, density={self.density:.4f}"
 

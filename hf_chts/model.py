@@ -11,6 +11,7 @@ decoder blocks; embeddings and ``lm_head`` are never selected by default.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import zlib
 
@@ -20,7 +21,7 @@ from torch import nn
 from .architectures import COL_ROLES, ModelTopology, build_topology, get_architecture
 from .checkpointing.saving import install_save_hook
 from .config import SparsifyConfig
-from .layers import convert_to_sparse, is_linear_like, logical_shape_of, sparse_layers
+from .layers import convert_to_sparse, is_dtensor, is_linear_like, logical_shape_of, sparse_layers
 from .report import LayerReport, SparsityReport, sparsity_report  # noqa: F401 - public names of this module too
 from .state import (  # noqa: F401 - find_state, unwrap_model, is_sparsified: also importable from here
     SparseModelState, attach_state, find_state, is_sparsified, unwrap_model,
@@ -156,6 +157,64 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
     return generator
 
 
+# ----------------------------------------------------- already-sparse models
+#: Fraction of exactly-zero weights in the layers to sparsify above which a model is taken for a sparse one
+#: (trained or randomly initialised dense weights are almost never exactly 0).
+ZERO_FRACTION_OF_A_SPARSE_MODEL = 0.2
+
+
+def _checkpoint_config_beside(name_or_path: str) -> str | None:
+    """``sparsify_config.json`` of the folder (or cached Hub repo) ``name_or_path`` was loaded from, if any;
+    local lookups only (nothing is downloaded)."""
+    file_name = SparsifyConfig.config_file_name
+    if not name_or_path:
+        return None
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, file_name)
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, file_name)
+    except Exception:  # noqa: BLE001 - not a repo id: nothing to find
+        return None
+    return cached if isinstance(cached, str) else None
+
+
+def sparse_origin(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
+    """Why ``model`` looks like an hf_chts sparse checkpoint loaded without its masks (``None`` when it does
+    not): a ``sparsify_config.json`` beside ``config._name_or_path``, or many exact zeros in ``modules``."""
+    name_or_path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    found = _checkpoint_config_beside(name_or_path)
+    if found is not None:
+        return f"it was loaded from {name_or_path!r}, which holds {found}"
+    zeros = total = 0
+    for module in modules.values():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta" and not is_dtensor(weight):
+            zeros += int(weight.numel() - torch.count_nonzero(weight.detach()))
+            total += weight.numel()
+    if total and zeros / total >= ZERO_FRACTION_OF_A_SPARSE_MODEL:
+        return f"{zeros / total:.0%} of the weights of the layers to sparsify are exactly 0"
+    return None
+
+
+def warn_if_already_sparse(model: nn.Module, modules: dict[str, nn.Module], config: SparsifyConfig) -> None:
+    """Warn, with the fix, when a fresh ``sparsify()`` would throw away the sparsity of a model that comes from
+    an hf_chts checkpoint loaded with plain ``from_pretrained`` (its masks and schedule are not in it)."""
+    origin = sparse_origin(model, modules)
+    if origin is None:
+        return
+    source = str(getattr(model.config, "_name_or_path", "") or "<checkpoint folder>")
+    logger.warning(
+        "hf_chts: this model looks sparse already (%s), but it has no hf_chts masks: sparsify() builds a new "
+        "topology (method %r starts at density %s) and the checkpoint's masks and schedule position are lost. "
+        "To keep them, load it with hf_chts.load_sparse(%r) instead of from_pretrained; to continue its schedule, "
+        "resume the Trainer from its checkpoint-N folder (trainer.train(resume_from_checkpoint=...)), or build "
+        "SparseTrainingEngine on the load_sparse model and call engine.load_state_dict(hf_chts.read_engine_state("
+        "path)). If a new sparse run from these weights is intended, ignore this warning.", origin, config.method, config.initial_density, source)
+
+
 # ----------------------------------------------------------------- sparsify
 def _capture_layer_inputs(model: nn.Module, modules: dict[str, nn.Module], batch) -> dict[str, torch.Tensor]:
     """Inputs ``[tokens, in_features]`` of each module on one calibration batch (for CSTI)."""
@@ -265,6 +324,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, calibrat
     modules = select_modules(model, config) if masks is None else modules_named(model, masks)
     topology = build_topology(model, modules)
     if masks is None:
+        warn_if_already_sparse(model, modules, config)
         masks = initial_masks(model, config, topology, modules, calibration_batch)
     for name, module in modules.items():
         layer = convert_to_sparse(module, name, masks[name])

@@ -190,7 +190,7 @@ def build_model_card(folder: str | os.PathLike, *, record: dict | None = None, m
     table = "\n".join(["| | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in rows])
     evaluation = (_eval_table(eval_results) if eval_results else
                   f"No evaluation results were recorded with this save; `hf-chts eval {name} --tasks ...` "
-                  "measures them with lm-eval.")
+                  "measures them with lm-eval (`--update-card` adds them here).")
     files = sorted({p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")} | {CONFIG_FILE})
     body = f"""
 # {name}

@@ -7,11 +7,14 @@ Steps are *optimizer* steps. A topology update happens after optimizer step
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from .config import LR_REWARMUP_MODES, SparsifyConfig
 from .topology.removal import delta_to_temperature
+
+logger = logging.getLogger(__name__)
 
 
 def sigmoid_decay_progress(update_index: float, num_updates: int, k: float = 6.0) -> float:
@@ -127,7 +130,9 @@ class SparseSchedule:
     delta_end: float = 0.75
 
     @classmethod
-    def from_config(cls, config: SparsifyConfig, total_steps: int) -> "SparseSchedule":
+    def from_config(cls, config: SparsifyConfig, total_steps: int, *, warn: bool = False) -> "SparseSchedule":
+        """The schedule of a ``total_steps``-step run; ``ValueError`` when it holds no update. ``warn``: log
+        :meth:`few_updates_message` (the engine does, once per run)."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total_steps!r}")
         interval = config.update_interval
@@ -148,10 +153,33 @@ class SparseSchedule:
                 f"{config.update_end_fraction}); lower update_interval or train longer"
             )
         t_start, t_end = config.removal_temperature_range
-        return cls(total_steps, interval, update_end, decay_start, max(num_decay, 1), config.initial_density,
-                   config.target_density, kind, config.sigmoid_k, config.removal_fraction,
-                   config.removal_fraction_schedule, t_start, t_end, config.removal_temperature_schedule,
-                   config.removal_delta_start, config.removal_delta_end)
+        schedule = cls(total_steps, interval, update_end, decay_start, max(num_decay, 1), config.initial_density,
+                       config.target_density, kind, config.sigmoid_k, config.removal_fraction,
+                       config.removal_fraction_schedule, t_start, t_end, config.removal_temperature_schedule,
+                       config.removal_delta_start, config.removal_delta_end)
+        message = schedule.few_updates_message() if warn and not config.is_dense else None
+        if message:
+            logger.warning(message)
+        return schedule
+
+    def few_updates_message(self) -> str | None:
+        """A warning when the run holds only one or two topology updates (``None`` otherwise): with a density
+        decay the density then falls to the target at once, i.e. one-shot pruning, not gradual sparse training."""
+        updates = len(self.update_steps())
+        decaying = self.kind != "constant"
+        count = self.num_decay_updates if decaying else updates
+        if count > 2:
+            return None
+        fix = (f"lower update_interval (e.g. to {max(1, self.update_end // 10)} for about 10 updates) or train longer "
+               "(max_steps)")
+        if decaying:
+            return (f"hf_chts: the {self.kind} density schedule of this {self.total_steps}-step run has only {count} "
+                    f"topology update(s) at update_interval={self.update_interval}: the density falls from "
+                    f"{self.initial_density} to {self.target_density} at once. This is one-shot pruning, not "
+                    f"gradual sparse training; {fix}")
+        return (f"hf_chts: this {self.total_steps}-step run has only {count} topology update(s) at "
+                f"update_interval={self.update_interval}: the topology barely evolves (close to one-shot, static "
+                f"sparse training); {fix}")
 
     # ---------------------------------------------------------------- steps
     def is_update_step(self, step: int) -> bool:

@@ -19,6 +19,7 @@ def test_trainer_run_follows_the_sigmoid_and_logs_it(make_tiny_model, tmp_path, 
     model = make_tiny_model(model_type)
     config = SparsifyConfig(method="chtss", target_density=0.3, update_interval=4, seed=0)
     trainer, callback = make_trainer(model, tmp_path, config, max_steps=48)
+    callback.log_per_layer = True
     trainer.train()
     assert find_state(model) is not None, "the callback sparsifies an unsparsified model"
     schedule = SparseSchedule.from_config(config, 48)
@@ -218,7 +219,7 @@ def test_checkpoints_record_the_callback_in_trainer_state(make_tiny_model, tmp_p
     for step in (3, 6):
         folder = tmp_path / f"checkpoint-{step}"
         record = json.loads((folder / "trainer_state.json").read_text())["stateful_callbacks"]["CHTssTrainerCallback"]
-        assert record["args"]["config"] == config.to_dict() and record["args"]["log_per_layer"] is True
+        assert record["args"]["config"] == config.to_dict() and record["args"]["log_per_layer"] is False
         saved = record["attributes"]["saved_engine"]
         assert saved["completed_steps"] == step and saved == engine_fingerprint(read_engine_state(folder))
     assert json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())["stateful_callbacks"][

@@ -108,6 +108,15 @@ def test_round_trip_dense_compact_and_vanilla(make_tiny_model, model_type, tmp_p
     assert not stored & {f"{name}.weight" for name in sparse_layers(model)}
     assert (tmp_path / "compact" / "model.safetensors").stat().st_size < (tmp_path / "dense" / "model.safetensors").stat().st_size
 
+    # vanilla transformers refuses the compact folder (no random weights), pointing to load_sparse
+    with pytest.raises(ValueError, match=r"hf_chts compact sparse checkpoint.*hf_chts\.load_sparse\(folder\)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
+    config = json.loads((tmp_path / "compact" / "config.json").read_text())
+    assert config["model_type"] == model.config.model_type  # the rest of config.json is transformers' own
+    inference = load_sparse(tmp_path / "compact", inference=True).eval()  # the inference loader reads it too
+    assert torch.allclose(logits(inference), reference, atol=1e-5)
+    assert not hasattr(inference.config, "transformers_weights")
+
 
 def test_mask_file_format(make_tiny_model, tmp_path):
     model = sparse_trained(make_tiny_model, "gpt2")

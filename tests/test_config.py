@@ -96,6 +96,20 @@ def test_from_dict_rejects_unknown_keys_with_suggestion():
         SparsifyConfig.from_dict({"target_densty": 0.3})
 
 
+def test_constructor_names_the_closest_field_of_a_typo():
+    with pytest.raises(TypeError, match="unknown field.*'update_intervall' \\(did you mean 'update_interval'\\?\\)"):
+        SparsifyConfig(update_intervall=5)
+    with pytest.raises(TypeError, match="'no_such_option'"):
+        SparsifyConfig(method="chts", no_such_option=1)
+
+
+@pytest.mark.parametrize("spelling", ["CHTss", "ChTsS", "CHTSS"])
+def test_method_is_case_insensitive(spelling):
+    config = SparsifyConfig(method=spelling)
+    assert config.method == "chtss" and config == SparsifyConfig(method="chtss")
+    assert SparsifyConfig.from_dict({"method": spelling}).method == "chtss"
+
+
 def test_load_reports_truncated_json(tmp_path):
     path = tmp_path / "sparsify_config.json"
     path.write_text('{"method": "chtss", "target_dens')

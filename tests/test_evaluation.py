@@ -59,9 +59,16 @@ def run_hf_chts_eval(workspace, checkpoint, output, tasks=(CHOICE, PERPLEXITY), 
     return json.loads(written.read_text())
 
 
+def folder_bytes(folder):
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir()) if path.is_file()}
+
+
 @pytest.fixture(scope="module")
 def hf_chts_results(workspace):
-    return run_hf_chts_eval(workspace, workspace["root"] / "dense", workspace["root"] / "dense_results.json")
+    before = folder_bytes(workspace["root"] / "dense")
+    results = run_hf_chts_eval(workspace, workspace["root"] / "dense", workspace["root"] / "dense_results.json")
+    workspace["dense_unchanged"] = folder_bytes(workspace["root"] / "dense") == before
+    return results
 
 
 def check_scores(results):
@@ -98,8 +105,9 @@ def test_hf_chts_eval_reports_scores_density_and_anp(workspace, hf_chts_results,
     assert summary["density"] == pytest.approx(report.density) and summary["anp"] == pytest.approx(report.anp)
     assert summary["anp"] < 1.0 and summary["method"] == "chts"
     assert CHOICE in hf_chts_results["configs"] and "versions" in hf_chts_results
-    card = (workspace["root"] / "dense" / "README.md").read_text()  # the hf_chts card now shows the results
-    assert f"| {CHOICE} | acc | {hf_chts_results['results'][CHOICE]['acc,none']:.4f} |" in card
+    assert workspace["dense_unchanged"], "hf-chts eval without --update-card modified the checkpoint"
+    card = (workspace["root"] / "dense" / "README.md").read_text()
+    assert f"| {CHOICE} | acc |" not in card
 
     compact = run_hf_chts_eval(workspace, workspace["root"] / "compact", workspace["root"] / "compact.json", (CHOICE,))
     assert compact["results"][CHOICE]["acc,none"] == hf_chts_results["results"][CHOICE]["acc,none"]
@@ -175,3 +183,53 @@ def test_stock_lm_eval_cli_on_sparse_checkpoint(workspace, hf_chts_results, tmp_
         for metric, value in results["results"][task].items():
             if isinstance(value, float) and "stderr" not in metric:
                 assert value == pytest.approx(hf_chts_results["results"][task][metric], rel=1e-4), (task, metric)
+
+
+def test_eval_default_output_is_outside_the_checkpoint_and_update_card_commits(workspace, tmp_path, monkeypatch,
+                                                                              caplog):
+    import logging
+    import shutil
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(workspace["root"] / "dense", checkpoint)
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", str(checkpoint), "--tasks", CHOICE, "--include-path", str(workspace["tasks"]), "--batch-size", "4",
+            "--limit", LIMIT]
+    assert cli_main([*args, "--output-path", str(checkpoint / "results.json")]) == 2  # never into the checkpoint
+    assert cli_main([*args, "--update-card"]) == 0
+    (written,) = (tmp_path / "eval_results").rglob("results_*.json")  # the default: ./eval_results
+    acc = json.loads(written.read_text())["results"][CHOICE]["acc,none"]
+    assert not list(checkpoint.glob("results*"))
+    card = (checkpoint / "README.md").read_text()
+    assert f"| {CHOICE} | acc | {acc:.4f} |" in card
+    with caplog.at_level(logging.WARNING):  # the card is part of a save: loading verifies it without a warning
+        load_sparse(checkpoint)
+    assert not [r for r in caplog.records if "README" in r.getMessage()], caplog.text
+
+
+def test_local_task_yaml_loads_without_lm_eval_warnings(workspace, caplog):
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(workspace["tasks"]), include_defaults=False)
+    with caplog.at_level(logging.WARNING, logger="lm_eval"):
+        tasks = manager.load([CHOICE, PERPLEXITY])
+    assert tasks
+    lm_eval_warnings = [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")
+                        and r.levelno >= logging.WARNING]
+    assert not lm_eval_warnings, lm_eval_warnings
+
+
+@pytest.mark.slow
+def test_eval_refuses_an_unknown_task_before_loading_the_model(workspace, monkeypatch, capsys):
+    import hf_chts.checkpointing.loading as loading
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the task names were checked")
+
+    monkeypatch.setattr(loading, "load_sparse", must_not_load)
+    code = cli_main(["eval", str(workspace["root"] / "dense"), "--tasks", f"{CHOICE},hfchts_no_such_task",
+                     "--include-path", str(workspace["tasks"])])
+    assert code == 2
+    assert "unknown lm-eval task(s) ['hfchts_no_such_task']" in capsys.readouterr().err

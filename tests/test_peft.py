@@ -74,3 +74,33 @@ def test_merge_lora_rejects_non_peft_and_dense(make_tiny_model):
     dense_peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="not sparsified"):
         hf_chts.merge_lora(dense_peft)
+
+
+@pytest.mark.parametrize("save", ["save_pretrained", "save_sparse"])
+def test_plain_merge_and_unload_is_reported_and_its_save_warns(make_tiny_model, tmp_path, caplog, save):
+    import logging
+
+    peft_model = lora_trained(make_tiny_model, "llama")
+    mask_density = sparsity_report(peft_model).density
+    merged = copy.deepcopy(peft_model).merge_and_unload()  # peft's own merge: the LoRA delta fills masked positions
+    leaked = sorted(name for name, layer in sparse_layers(merged).items() if layer.masked_nonzero())
+    assert leaked
+    report = sparsity_report(merged)  # the real state, not the masks' 0.3
+    assert report.mask_density == pytest.approx(mask_density) and report.masked_nonzero > 0
+    assert report.density > mask_density + 0.3
+    assert report.to_dict()["masked_nonzero"] == report.masked_nonzero
+    assert "not 0 at masked positions" in report.table() and "hf_chts.merge_lora" in report.table()
+
+    with caplog.at_level(logging.WARNING, logger="hf_chts"):
+        merged.save_pretrained(tmp_path / "plain") if save == "save_pretrained" else save_sparse(merged, tmp_path / "plain")
+    (warning,) = [r.getMessage() for r in caplog.records if "masked positions" in r.getMessage()]
+    assert "hf_chts.merge_lora" in warning and f"in {len(leaked)} sparsified layer(s)" in warning
+    assert all(name in warning for name in leaked[:5])
+    assert sparsity_report(merged).masked_nonzero == 0  # the save re-masked it
+
+    caplog.clear()
+    kept = hf_chts.merge_lora(peft_model)  # the fix the warning names: no warning, same densities
+    assert sparsity_report(kept).density == pytest.approx(mask_density)
+    with caplog.at_level(logging.WARNING, logger="hf_chts"):
+        save_sparse(kept, tmp_path / "kept")
+    assert not [r for r in caplog.records if "masked positions" in r.getMessage()]

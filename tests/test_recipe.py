@@ -323,6 +323,16 @@ def test_missing_recipe_file(tmp_path, capsys):
         R.load_recipe(ROOT / "recipes" / "tiny-lama-cpu.yaml")
     assert cli_main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="did you mean 'llama-60m-chts.yaml'"):  # .yml for .yaml
+        R.load_recipe(ROOT / "recipes" / "llama-60m-chts.yml")
+
+
+@pytest.mark.parametrize("name", ["gpt2-chtss.yaml", "llama-7b-chtss.yaml", "llama-60m-gmp.yaml"])
+def test_missing_recipe_file_suggests_no_unrelated_recipe(name):
+    with pytest.raises(FileNotFoundError) as error:  # another model, size or method is no typo
+        R.load_recipe(ROOT / "recipes" / name)
+    message = str(error.value)
+    assert "did you mean" not in message and "recipes there: " in message and "tiny-llama-cpu.yaml" in message
 
 
 @pytest.mark.parametrize("section,key,hint", [
@@ -492,11 +502,11 @@ def test_non_run_folder_is_never_overwritten(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
-def test_plot_is_optional(tmp_path, monkeypatch, capsys):
+def test_plot_is_optional(tmp_path, monkeypatch, caplog):
     summary = {"steps": 10, "sparsity_history": [], "loss_curve": {"train": [], "eval": []}, "recipe_name": "x"}
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert R.plot_training_curves(summary, SparsifyConfig(update_interval=2), tmp_path / "p.png") is False
-    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "p.png").exists()
+    assert "matplotlib is not installed" in caplog.text and not (tmp_path / "p.png").exists()
 
 
 def test_fsdp_accelerate_config_is_fsdp2():
@@ -593,7 +603,7 @@ def test_weights_are_sharded_follows_the_sparse_layers(monkeypatch, tmp_path):
     assert R.finish.weights_are_sharded(model) is True
 
 
-def test_finish_run_with_sharded_weights_uses_collective_eval_and_gathered_state_dict(tmp_path, monkeypatch, capsys):
+def test_finish_run_with_sharded_weights_uses_collective_eval_and_gathered_state_dict(tmp_path, monkeypatch, caplog):
     """FSDP2: the rank-0-only forward passes / save_sparse would deadlock; they must not run."""
     import hf_chts.checkpoint
     import torch
@@ -618,7 +628,7 @@ def test_finish_run_with_sharded_weights_uses_collective_eval_and_gathered_state
     assert calls.count("evaluate") == 1 and calls.count("get_state_dict") == 1
     assert calls.index("get_state_dict") < calls.index("wait_for_everyone")
     assert summary["val_loss"] == 4.5 and summary["reload_check"] is None
-    assert "skipping the in-memory vs reloaded comparison" in capsys.readouterr().out
+    assert "skipping the in-memory vs reloaded comparison" in caplog.text
     final = recipe.output_dir / R.FINAL_DIR
     assert (final / "sparsity.safetensors").exists() and (final / "sparsify_config.json").exists()
     reloaded = load_sparse(str(final))
@@ -641,6 +651,23 @@ def test_finish_run_unsharded_keeps_the_reload_check_and_summary_has_the_plot(tm
     assert written["plot"] == str(recipe.output_dir / R.PLOT_FILE) == summary["plot"]
     assert (recipe.output_dir / R.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in recipe.output_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_finish_run_puts_the_lm_eval_scores_into_the_final_model_card(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from hf_chts import load_sparse
+
+    recipe, model, data = _finish_run_inputs(tmp_path)
+    scores = {"tasks": ["hf_chts_local_choice"], "include_path": None, "results": {},
+              "metrics": {"hf_chts_local_choice": {"acc": 0.3125}}}
+    monkeypatch.setattr(R.finish, "run_lm_eval", lambda *args, **kwargs: scores)  # lm-eval itself: tests/test_evaluation
+    R.finish_run(recipe, _FakeTrainer(model, []), None, None, data, started=time.time())
+    final = recipe.output_dir / R.FINAL_DIR
+    assert "| hf_chts_local_choice | acc | 0.3125 |" in (final / "README.md").read_text()
+    with caplog.at_level(logging.WARNING):  # the card belongs to the save: no "changed after the save" warning
+        load_sparse(str(final))
+    assert not [r for r in caplog.records if "README" in r.getMessage()], caplog.text
 
 
 def test_plot_is_written_atomically(tmp_path, monkeypatch):
@@ -783,6 +810,8 @@ def test_tiny_recipe_end_to_end_through_the_cli(tmp_path, capsys):
     assert summary["recipe"]["training"]["max_steps"] == 40
     assert (out / R.PLOT_FILE).stat().st_size > 10_000
     assert (out / R.FINAL_DIR / "sparsity.safetensors").exists()
+    card = (out / R.FINAL_DIR / "README.md").read_text()  # the recipe's lm-eval scores reach final/'s card
+    assert all(f"| {task} |" in card for task in summary["lm_eval"]["metrics"])
     assert "hf-chts eval " + str(out / R.FINAL_DIR) in printed and "final density" in printed
 
     from hf_chts import load_sparse, sparsity_report

@@ -246,3 +246,53 @@ def test_bsf_resort_in_sparsify_aligns_mlp_hubs(make_tiny_model):
         order = torch.argsort(in_degree, descending=True, stable=True)
         assert torch.all(out_degree[order][:-1] >= out_degree[order][1:])
         assert abs(int(layers[prefix + "down_proj"].mask.sum()) - round(0.3 * 64 * 96)) <= 1
+
+
+# ------------------------------------------------ a sparse checkpoint loaded without its masks (issue 19 §1)
+def _already_sparse_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "looks sparse already" in r.getMessage()]
+
+
+@pytest.mark.parametrize("entry", ["sparsify", "engine", pytest.param("callback", marks=pytest.mark.slow)])
+def test_a_checkpoint_loaded_with_plain_from_pretrained_is_not_resparsified_silently(
+        make_tiny_model, tmp_path, caplog, entry):
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_chts.checkpoint import save_sparse
+    from hf_chts.engine import SparseTrainingEngine
+
+    model = make_tiny_model("llama")
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.3))
+    save_sparse(model, tmp_path / "ckpt")
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"))  # the HF habit: no masks
+    with caplog.at_level(logging.WARNING, logger="hf_chts"):
+        if entry == "sparsify":
+            sparsify(plain, SparsifyConfig())
+        elif entry == "engine":
+            SparseTrainingEngine(plain, SparsifyConfig(update_interval=4), total_steps=40)
+        else:
+            from trainer_utils import make_trainer
+
+            trainer, _ = make_trainer(plain, tmp_path / "run", SparsifyConfig(update_interval=4), max_steps=8)
+            trainer.train()
+    (message,) = _already_sparse_warnings(caplog)
+    assert f"hf_chts.load_sparse({str(tmp_path / 'ckpt')!r})" in message and "sparsify_config.json" in message
+    assert "density 1.0" in message and "read_engine_state" in message
+
+
+def test_the_models_own_zeros_are_detected_without_a_checkpoint_folder(make_tiny_model, caplog):
+    import logging
+
+    sparse = make_tiny_model("gpt2")
+    sparsify(sparse, SparsifyConfig(method="chts", target_density=0.3))
+    plain = make_tiny_model("gpt2")
+    plain.load_state_dict(sparse.state_dict())  # sparse weights, no masks, no folder
+    fresh = make_tiny_model("gpt2")
+    with caplog.at_level(logging.WARNING, logger="hf_chts"):
+        sparsify(fresh, SparsifyConfig())
+        assert not _already_sparse_warnings(caplog)  # a dense model: no false alarm
+        sparsify(plain, SparsifyConfig())
+    (message,) = _already_sparse_warnings(caplog)
+    assert "70% of the weights of the layers to sparsify are exactly 0" in message

@@ -8,9 +8,12 @@ values as a 1-D tensor in row-major order of the logical mask
 (``logical_weight[mask]``), with metadata ``shapes``, ``crc32``, ``save_id`` and the version.
 At 30 % density this stores ~30 % of the sparsified bytes (+1 bit per link for the
 mask). **A compact folder is not a valid input for a vanilla
-``AutoModelForCausalLM.from_pretrained``**: transformers would report the
-sparsified weights as missing and initialise them randomly. Load it with
-``load_sparse``, or convert it back with ``hf-chts export <in> <out> --format dense``.
+``AutoModelForCausalLM.from_pretrained``**, which would report the sparsified weights
+as missing and initialise them randomly: its ``config.json`` therefore names, in
+transformers' ``transformers_weights`` field, no weight file but :data:`COMPACT_REFUSAL`,
+so transformers refuses to load it with that message (:func:`mark_config_compact`).
+Load it with ``load_sparse`` (which drops the field, :func:`without_compact_marker`),
+or convert it back with ``hf-chts export <in> <out> --format dense``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,31 @@ from .format import (
     FORMAT_VERSION, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, check_crc, check_format_version, crc32_hex, json_metadata,
     module_name_of, read_safetensors, weight_key,
 )
+
+#: ``config.json``'s ``transformers_weights`` in a compact folder: transformers (>= 5) refuses a value that is not
+#: a safetensors file name with an error quoting it, so a vanilla ``from_pretrained`` fails with this text.
+COMPACT_REFUSAL = (
+    "not loadable by plain transformers: this is an hf_chts compact sparse checkpoint (the sparsified weights "
+    "are stored as live values in sparse_weights.safetensors). Load it with hf_chts.load_sparse(folder) "
+    "(pip install hf_chts), or convert it with `hf-chts export <folder> <out> --format dense`"
+)
+COMPACT_MARKER_FIELD = "transformers_weights"
+
+
+def mark_config_compact(folder: str | os.PathLike) -> None:
+    """Write :data:`COMPACT_REFUSAL` into ``folder/config.json`` (a compact save's staging folder)."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config[COMPACT_MARKER_FIELD] = COMPACT_REFUSAL
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def without_compact_marker(config):
+    """A transformers config of a compact folder with :data:`COMPACT_REFUSAL` removed (in place; returned)."""
+    if getattr(config, COMPACT_MARKER_FIELD, None) == COMPACT_REFUSAL:
+        delattr(config, COMPACT_MARKER_FIELD)
+    return config
+
 
 def compact_split(model: nn.Module, state_dict: dict | None,
                   save_id: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:

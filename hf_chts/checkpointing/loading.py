@@ -20,7 +20,7 @@ from ..layers import logical_shape_of
 from ..model import modules_named, select_modules, sparsify
 from ..state import find_state
 from .commit import interrupted_save_note, refuse_save_leftover
-from .compact import fill_compact, read_compact_values
+from .compact import fill_compact, read_compact_values, without_compact_marker
 from .format import (
     CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, config_from_record, decode_engine_record, is_weight_file,
     module_name_of, read_masks, read_safetensors_metadata, read_sparsify_config,
@@ -150,6 +150,13 @@ def _from_pretrained(folder: Path, sparse_keys: set[str], compact: bool, kwargs:
     kwargs = dict(kwargs)
     kwargs.pop("output_loading_info", None)
     kwargs.setdefault("trust_remote_code", False)  # never run code from a checkpoint unless the caller opts in
+    if compact and isinstance(kwargs.get("config"), (str, os.PathLike, type(None))):
+        from transformers import AutoConfig  # its config.json makes a plain from_pretrained refuse the folder
+
+        kwargs["config"] = AutoConfig.from_pretrained(str(kwargs.get("config") or folder),
+                                                      trust_remote_code=kwargs["trust_remote_code"])
+    if compact:
+        without_compact_marker(kwargs["config"])
     context = quiet_transformers() if compact else contextlib.nullcontext()
     with context:
         model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)

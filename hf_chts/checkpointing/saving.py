@@ -33,7 +33,7 @@ from ..model_card import CARD_FILE, write_model_card
 from ..state import find_state, unwrap_model
 from ..version import __version__
 from .commit import fault_point, staged_commit
-from .compact import compact_split
+from .compact import compact_split, mark_config_compact
 from .format import (
     CONFIG_FILE, FORMAT_VERSION, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, dump_record_json, encode_engine_state,
     is_weight_file, mask_entries, weight_key,
@@ -124,9 +124,20 @@ def _config_record(model: nn.Module, *, compact: bool, engine_record: Any, save_
 
 
 def _reapply_masks(model: nn.Module) -> None:
-    """Zero every sparsified weight at its masked positions (in place; a no-op when the invariant holds)."""
+    """Zero every sparsified weight at its masked positions (in place; a no-op when the invariant holds),
+    warning loudly, with the layers, when some were not 0: the saved model then differs from the one in memory."""
+    layers = sparse_layers(model)
+    leaking = {name: count for name, layer in layers.items() if (count := layer.masked_nonzero())}
+    if leaking:
+        names = sorted(leaking)
+        logger.warning(
+            "hf_chts: %d weights are not 0 at masked positions in %d sparsified layer(s) (%s%s); the save zeroes "
+            "them, so the saved model's outputs differ from the model's before the save. peft's "
+            "merge_and_unload() does this: merge a LoRA adapter with hf_chts.merge_lora(peft_model) instead "
+            "(it keeps the masks; docs: README 'LoRA')", sum(leaking.values()), len(names), ", ".join(names[:5]),
+            ", ..." if len(names) > 5 else "")
     with torch.no_grad():
-        for layer in sparse_layers(model).values():
+        for layer in layers.values():
             layer.apply_mask_()
 
 
@@ -195,6 +206,7 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
         if compact:
             dense_part, values, metadata = compact_split(model, state_dict, save_id)
             original_save(staging, state_dict=dense_part, is_main_process=True, push_to_hub=False, **save_kwargs)
+            mark_config_compact(staging)  # a vanilla from_pretrained refuses it, naming load_sparse
             save_file(values, str(staging / SPARSE_WEIGHTS_FILE), metadata=metadata)
         else:
             original_save(staging, state_dict=state_dict, is_main_process=True, push_to_hub=False, **save_kwargs)
@@ -273,12 +285,13 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
     return folder
 
 
-def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | None:
+def write_sparsity_files(model: nn.Module, path: str | os.PathLike, *, card_kwargs: dict | None = None) -> Path | None:
     """(Re)write only ``sparsity.safetensors``, ``sparsify_config.json`` and the model card into an
     existing checkpoint folder, e.g. to refresh the engine progress of a Trainer checkpoint whose
     weights a path other than ``save_pretrained`` wrote. The weights in the folder must already be
     the model's masked weights; they join the new save's manifest. Committed like a save (every
-    other file is kept, hard-linked into the new folder).
+    other file is kept, hard-linked into the new folder). ``card_kwargs`` go to the model card
+    (e.g. ``eval_results``).
 
     Returns the folder on the main process, ``None`` elsewhere.
     """
@@ -301,7 +314,8 @@ def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | No
         fault_point("sparsity-written")
         record = _config_record(model, compact=compact, engine_record=_MISSING, save_id=save_id, manifest={})
         card = write_model_card(staging, record=record, model=model,  # docs/hub.md#2-the-model-card
-                                existing_card=folder / CARD_FILE, repo_id=folder.resolve().name)
+                                existing_card=folder / CARD_FILE,
+                                **{"repo_id": folder.resolve().name, **(card_kwargs or {})})
         names = sorted(p.name for p in staging.iterdir() if p.is_file() and (
             is_weight_file(p.name) or p.name in (SPARSITY_FILE, SPARSE_WEIGHTS_FILE, "config.json",
                                                  "generation_config.json") or (card and p.name == CARD_FILE)))

@@ -111,7 +111,9 @@ def empty_model(folder: Path) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     weight_files(folder)  # fail early, before building anything, on a folder without safetensors
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    from ..checkpointing.compact import without_compact_marker
+
+    config = without_compact_marker(AutoConfig.from_pretrained(str(folder), trust_remote_code=False))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     if (folder / "generation_config.json").exists():

@@ -64,6 +64,7 @@ from .schema import (
 )
 from .validation import recipe_from_dict
 from .finish import (
+    add_results_to_final_card,
     check_reload,
     evaluate_perplexity,
     finish_run,
@@ -141,6 +142,7 @@ __all__ = [
     "recipe_from_dict",
     "reload_final_checkpoint",
     "resolve_text_files",
+    "add_results_to_final_card",
     "run_lm_eval",
     "run_recipe",
     "save_final_checkpoint",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -15,6 +16,8 @@ import torch
 
 from ..suggest import did_you_mean
 from .schema import BUILTIN_CORPORA, Recipe
+
+logger = logging.getLogger(__name__)
 
 BPE_CACHE_VERSION = 1
 
@@ -180,8 +183,8 @@ def build_tokenizer(recipe: Recipe, corpus: Corpus | None = None):
         tokenizer, folder, cached = train_bpe_tokenizer(
             _bpe_training_texts(recipe, corpus), tok.train_bpe.vocab_size, tok.train_bpe.min_frequency,
             _cache_root(recipe))
-        print(f"hf_chts: BPE tokenizer ({len(tokenizer)} tokens) {'loaded from cache' if cached else 'trained and cached'}"
-              f" at {folder}")
+        logger.info("hf_chts: BPE tokenizer (%d tokens) %s at %s", len(tokenizer),
+                    "loaded from cache" if cached else "trained and cached", folder)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -11,6 +11,7 @@ in-memory vs reloaded comparison is skipped.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -26,6 +27,8 @@ from ..model import sparsity_report
 from .data import LMData, collate_blocks
 from .schema import Recipe
 from .summary import FINAL_DIR, build_summary, write_summary
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- collective steps (every process)
@@ -61,7 +64,7 @@ def save_final_checkpoint(recipe: Recipe, trainer, tokenizer, full_state_dict: d
         save_gathered_state_dict(trainer.accelerator.unwrap_model(trainer.model), full_state_dict, final_dir, tokenizer)
     else:
         checkpoint.save_sparse(trainer.model, str(final_dir), tokenizer=tokenizer)
-    print(f"hf_chts: sparse checkpoint saved to {final_dir}")
+    logger.info("hf_chts: sparse checkpoint saved to %s", final_dir)
     return final_dir
 
 
@@ -80,17 +83,18 @@ def reload_final_checkpoint(recipe: Recipe, model, final_dir: Path):
 def check_reload(recipe: Recipe, model, reloaded, data: LMData, final_dir: Path) -> dict[str, Any] | None:
     """Validation loss of the model in memory vs reloaded from ``final_dir`` (``None`` when not checked)."""
     if weights_are_sharded(model) and recipe.eval.check_reload:
-        print(f"hf_chts: weights are sharded (FSDP2): the validation loss is the Trainer's eval_loss from every "
-              f"rank; skipping the in-memory vs reloaded comparison of {final_dir} (it would run the sharded "
-              "model on the main process alone)")
+        logger.info("hf_chts: weights are sharded (FSDP2): the validation loss is the Trainer's eval_loss from every "
+                    "rank; skipping the in-memory vs reloaded comparison of %s (it would run the sharded "
+                    "model on the main process alone)", final_dir)
         return None
     if not (recipe.eval.check_reload and recipe.eval.perplexity):
         return None
     in_memory = validation_loss(model, data.validation, recipe.eval.batch_size)
     from_disk = validation_loss(reloaded, data.validation, recipe.eval.batch_size)
     match = math.isclose(in_memory, from_disk, rel_tol=1e-5, abs_tol=1e-6)
-    print(f"hf_chts: validation loss in memory {in_memory:.6f}, reloaded from {final_dir} {from_disk:.6f} "
-          f"-> {'match' if match else 'MISMATCH: the checkpoint does not reproduce the trained model'}")
+    (logger.info if match else logger.error)(
+        "hf_chts: validation loss in memory %.6f, reloaded from %s %.6f -> %s", in_memory, final_dir, from_disk,
+        "match" if match else "MISMATCH: the checkpoint does not reproduce the trained model")
     return {"in_memory_loss": in_memory, "reloaded_loss": from_disk, "match": match}
 
 
@@ -114,6 +118,13 @@ def run_lm_eval(recipe: Recipe, model, tokenizer, data: LMData) -> dict[str, Any
             "metrics": evaluation.finite_metrics(results), "results": evaluation.jsonable_results(results)}
 
 
+def add_results_to_final_card(model, final_dir: Path, lm_eval: dict[str, Any] | None) -> None:
+    """Put the lm-eval scores into ``final_dir``'s model card: a new save of its card and sparsity files
+    (the weights are kept), so the checkpoint stays one verified save. Nothing to do without results."""
+    if lm_eval and lm_eval.get("metrics"):
+        write_sparsity_files(model, final_dir, card_kwargs={"eval_results": lm_eval["metrics"]})
+
+
 # ---------------------------------------------------------------- all steps in order
 def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, started: float,
                train_output=None, dense_baseline: dict | None = None) -> dict[str, Any]:
@@ -133,6 +144,7 @@ def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, st
         reloaded = reload_final_checkpoint(recipe, trainer.model, final_dir)
         reload_check = check_reload(recipe, trainer.model, reloaded, data, final_dir)
         lm_eval = run_lm_eval(recipe, reloaded if reloaded is not None else trainer.model, tokenizer, data)
+        add_results_to_final_card(trainer.model, final_dir, lm_eval)
         summary = build_summary(recipe, trainer, callback, data, report=report, metrics=metrics, ranks=ranks,
                                 reload_check=reload_check, lm_eval=lm_eval, final_dir=final_dir, started=started,
                                 train_output=train_output, dense_baseline=dense_baseline)

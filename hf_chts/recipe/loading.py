@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from ..deepspeed_check import refuse_deepspeed
-from ..suggest import did_you_mean
+from ..suggest import did_you_mean_file
 from .overrides import apply_overrides, parse_overrides
 from .paths import check_input_paths
 from .schema import Recipe
@@ -36,8 +36,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | list[tuple[str, 
         hint = ""
         folder = path.parent if str(path.parent) else Path(".")
         if folder.is_dir():
-            names = [p.name for p in folder.glob("*.yaml")]
-            hint = did_you_mean(path.name, names) or (f" (recipes there: {', '.join(sorted(names))})" if names else "")
+            names = [p.name for p in [*folder.glob("*.yaml"), *folder.glob("*.yml")]]
+            hint = did_you_mean_file(path.name, names) or (f" (recipes there: {', '.join(sorted(names))})" if names else "")
         raise FileNotFoundError(f"recipe file {str(path)!r} does not exist{hint}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import glob
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 import yaml
@@ -15,6 +15,8 @@ from ..io_utils import atomic_write_text, looks_like_local_path
 from .resume import check_resume_matches
 from .run_folder import RUN_MARKER, clear_run_folder, overwrite_refusal, read_run_marker, write_run_marker
 from .schema import RECIPE_COPY, SUMMARY_FILE, Recipe
+
+logger = logging.getLogger(__name__)
 
 def resolve_text_files(patterns: list[str]) -> list[str]:
     """Expand globs; every entry must match at least one existing file."""
@@ -100,7 +102,7 @@ def check_output_dir(recipe: Recipe) -> str:
     if recipe.run.resume:
         check_resume_matches(recipe)
         if differences:
-            print(f"hf_chts: resuming in {out} with a changed recipe: {'; '.join(differences[:8])}", file=sys.stderr)
+            logger.warning("hf_chts: resuming in %s with a changed recipe: %s", out, "; ".join(differences[:8]))
         return "resume"
     if differences:
         raise FileExistsError(

@@ -21,6 +21,7 @@ folder that holds another run.
 """
 
 import argparse
+import logging
 import time
 
 from accelerate import PartialState
@@ -28,6 +29,9 @@ from accelerate import PartialState
 import hf_chts
 from hf_chts import sparsify
 from hf_chts import recipe as R
+from hf_chts.verbosity import enable_command_line_messages, follow_trainer_log_level
+
+logger = logging.getLogger(__name__)
 
 
 def main(argv=None):
@@ -36,6 +40,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
     args, overrides = parser.parse_known_args(argv)
     started = time.time()
+    enable_command_line_messages()  # hf_chts's messages (logger "hf_chts") on stderr
 
     # 1. Recipe: YAML + overrides, validated (unknown keys, bad values, missing files fail here),
     #    and the output folder: it must not hold another run (checked by every rank, nothing written yet).
@@ -54,11 +59,12 @@ def main(argv=None):
         tokenizer = R.build_tokenizer(recipe, corpus)
         data = R.build_lm_datasets(recipe, tokenizer, corpus)
     if state.is_main_process:
-        print(f"data: {data.stats}")
+        logger.info("hf_chts: data: %s", data.stats)
 
     # 3. Model: a LlamaConfig from the preset (+ overrides), randomly initialised.
     model = R.build_model(recipe, tokenizer)
-    print(f"[rank {state.process_index}] model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    logger.info("hf_chts: [rank %d] model: %.2fM parameters", state.process_index,
+                sum(p.numel() for p in model.parameters()) / 1e6)
 
     # 4. Sparsify: every decoder linear becomes a masked layer at the initial density.
     config = R.sparsify_config(recipe)
@@ -78,6 +84,7 @@ def main(argv=None):
     #    every Δ steps; the Trainer trains on the packed blocks and evaluates on the validation blocks.
     callback = R.make_callback(recipe, config)
     training_args = R.training_arguments(recipe, world_size=state.num_processes)
+    follow_trainer_log_level(training_args)  # training.log_level applies to hf_chts's messages too
     trainer = R.build_trainer(recipe, model, tokenizer, data, callback, args=training_args)
 
     # 7. Train (resuming from the last checkpoint-N when run.resume is set).
@@ -91,7 +98,8 @@ def main(argv=None):
     full_state_dict = R.gather_full_state_dict(trainer)
 
     # 9. The main process saves the sparse checkpoint final/, reloads it with load_sparse and checks
-    #    that it reproduces the trained model, runs lm-eval on it, and writes run_summary.json + plot.
+    #    that it reproduces the trained model, runs lm-eval on it (scores added to final/'s model card),
+    #    and writes run_summary.json + plot.
     if trainer.is_world_process_zero():
         model = trainer.model
         report = hf_chts.sparsity_report(model)
@@ -100,6 +108,7 @@ def main(argv=None):
         reloaded = R.reload_final_checkpoint(recipe, model, final_dir)
         reload_check = R.check_reload(recipe, model, reloaded, data, final_dir)
         lm_eval = R.run_lm_eval(recipe, reloaded if reloaded is not None else model, tokenizer, data)
+        R.add_results_to_final_card(model, final_dir, lm_eval)  # the scores reach final/README.md
         summary = R.build_summary(recipe, trainer, callback, data, report=report, metrics=metrics, ranks=ranks,
                                   reload_check=reload_check, lm_eval=lm_eval, final_dir=final_dir, started=started,
                                   train_output=output, dense_baseline=dense_baseline)

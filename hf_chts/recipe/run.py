@@ -16,6 +16,7 @@ from .paths import check_output_dir, prepare_output_dir
 from .resume import last_checkpoint
 from .schema import DENSE_BASELINE_DIR, Recipe, sparsify_config
 from .summary import dense_baseline_record
+from ..verbosity import follow_trainer_log_level
 from .finish import finish_run
 from .trainer import build_trainer, make_callback, training_arguments
 
@@ -78,6 +79,7 @@ def run_recipe(recipe: Recipe, *, mode: str | None = None) -> dict[str, Any]:
         dense_baseline = train_dense_baseline(recipe, mode)  # eval.compare_dense: same recipe, dense, first
         callback = make_callback(recipe, config)
         args = training_arguments(recipe, world_size=state.num_processes)
+        follow_trainer_log_level(args)  # training.log_level applies to hf_chts's messages too
         trainer = build_trainer(recipe, model, tokenizer, data, callback, args=args)
         resume = last_checkpoint(recipe) if mode == "resume" else None
         output = trainer.train(resume_from_checkpoint=resume)

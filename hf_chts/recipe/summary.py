@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ from ..io_utils import atomic_path, atomic_write_text
 from ..schedules import SparseSchedule
 from .data import LMData
 from .schema import SUMMARY_FILE, Recipe, sparsify_config
+
+logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 
@@ -117,7 +120,7 @@ def plot_training_curves(summary: dict, config: SparsifyConfig, path: Path) -> b
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("hf_chts: matplotlib is not installed; skipping training_curves.png (pip install 'hf_chts[plot]')")
+        logger.warning("hf_chts: matplotlib is not installed; skipping training_curves.png (pip install 'hf_chts[plot]')")
         return False
     steps = summary["steps"]
     history = summary["sparsity_history"]
