@@ -120,7 +120,7 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
     if not 0 <= recipe.run.seed < 2**32:  # transformers.set_seed seeds numpy, which takes 32-bit seeds only
         raise ValueError(f"{where}: run.seed = {recipe.run.seed}; expected an integer in [0, 2**32)")
     sparsify_config(recipe, where=where)  # SparsifyConfig validation (ValueError naming the field)
-    _check_training(recipe.training, where)
+    _check_training(recipe.training, where, defaults=recipe_strategy_defaults(recipe))
     gbs = recipe.run.global_batch_size
     if gbs is not None and "gradient_accumulation_steps" in recipe.training:
         raise ValueError(f"{where}: set either run.global_batch_size or training.gradient_accumulation_steps, not both "
@@ -133,8 +133,20 @@ _TRAINING_NON_NEGATIVE = ("eval_steps", "save_steps", "logging_steps", "warmup_s
                           "dataloader_num_workers")
 
 
-def _check_training(training: dict, where: str) -> None:
-    """The training section's values (already typed): positive step counts, then ``TrainingArguments`` itself.
+def recipe_strategy_defaults(recipe: Recipe) -> dict:
+    """The save / evaluation strategies a recipe implies when its training section leaves them unset
+    (what :func:`~hf_chts.recipe.trainer.training_arguments` sets): steps when ``save_steps`` /
+    ``eval_steps`` are given (evaluation only with ``eval.perplexity``), else no saving."""
+    training = recipe.training
+    defaults = {"save_strategy": "steps" if "save_steps" in training else "no"}
+    if recipe.eval.perplexity and "eval_steps" in training:
+        defaults["eval_strategy"] = "steps"
+    return {key: value for key, value in defaults.items() if key not in training}
+
+
+def _check_training(training: dict, where: str, defaults: dict | None = None) -> None:
+    """The training section's values (already typed): positive step counts, then ``TrainingArguments`` itself
+    (with the recipe's ``defaults`` for unset fields, as the run will build it).
 
     Every problem is a ``ValueError`` naming ``training.<key>``.
     """
@@ -148,7 +160,7 @@ def _check_training(training: dict, where: str) -> None:
     for key in _TRAINING_NON_NEGATIVE:
         if training.get(key) is not None and training[key] < 0:
             raise ValueError(f"{where}: training.{key} = {training[key]!r}; expected a number >= 0")
-    _construct_training_arguments(training, where)
+    _construct_training_arguments({**(defaults or {}), **training}, where)
 
 
 def _construct_training_arguments(training: dict, where: str) -> None:
