@@ -47,3 +47,23 @@ def test_recipe_with_load_best_model_at_end_saves_the_best_checkpoint_as_final(t
     assert summary["reload_check"]["match"] is True
     assert summary["final_density"] == pytest.approx(
         sum(int(m.sum()) for m in best_masks.values()) / sum(m.numel() for m in best_masks.values()), abs=1e-9)
+
+
+# --------------------------------------------------------------------------- item 10: refused before the claim
+@pytest.mark.parametrize("override,named", [
+    (["--run.torch_threads", "-1"], "run.torch_threads = -1"),
+    (["--run.torch_threads", "0"], "run.torch_threads = 0"),
+    (["--data.max_train_samples", "0"], "data.max_train_samples = 0"),
+    (["--data.max_validation_samples", "0"], "data.max_validation_samples = 0"),
+    (["--sparsify.update_interval", "20"], "sparsify.update_interval = 20 with training.max_steps = 8"),
+    (["--training.learning_rate", "nan"], "training.learning_rate = nan"),
+    (["--training.learning_rate", "inf"], "training.learning_rate = inf"),
+])
+def test_bad_run_values_fail_in_one_line_before_the_run_folder_is_claimed(tmp_path, capsys, override, named):
+    path = recipe_file(tmp_path)
+    assert cli_main(["train", str(path), *override]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and named in lines[0] and "internal error" not in err, err
+    assert not (tmp_path / "run").exists()  # nothing claimed: the corrected command is a new run, not "a different run"
+    assert not (tmp_path / "tokcache").exists()  # refused before any data or tokenizer work

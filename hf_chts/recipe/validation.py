@@ -8,6 +8,7 @@ head counts, positive step counts, ``TrainingArguments``' own checks).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from ..suggest import did_you_mean
@@ -119,13 +120,38 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
                          f"of model.num_key_value_heads ({settings['num_key_value_heads']})")
     if not 0 <= recipe.run.seed < 2**32:  # transformers.set_seed seeds numpy, which takes 32-bit seeds only
         raise ValueError(f"{where}: run.seed = {recipe.run.seed}; expected an integer in [0, 2**32)")
-    sparsify_config(recipe, where=where)  # SparsifyConfig validation (ValueError naming the field)
+    threads = recipe.run.torch_threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"{where}: run.torch_threads = {threads!r}; expected a positive integer (threads per process) "
+                         "or null for torch's default")
+    for key in ("max_train_samples", "max_validation_samples"):
+        value = getattr(data, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: data.{key} = {value!r}; expected a positive number of blocks, or null for "
+                             "all of them")
+    config = sparsify_config(recipe, where=where)  # SparsifyConfig validation (ValueError naming the field)
     _check_training(recipe.training, where, defaults=recipe_strategy_defaults(recipe))
+    _check_schedule(config, recipe.training["max_steps"], where)
     gbs = recipe.run.global_batch_size
     if gbs is not None and "gradient_accumulation_steps" in recipe.training:
         raise ValueError(f"{where}: set either run.global_batch_size or training.gradient_accumulation_steps, not both "
                          "(the accumulation is computed from the global batch)")
 
+
+def _check_schedule(config, max_steps: int, where: str) -> None:
+    """The sparse schedule of a ``max_steps`` run must hold its topology updates (the engine's own check, run now,
+    before the output folder is claimed)."""
+    from ..schedules import SparseSchedule
+
+    try:
+        SparseSchedule.from_config(config, max_steps)
+    except ValueError as error:
+        raise ValueError(f"{where}: sparsify.update_interval = {config.update_interval} with training.max_steps = "
+                         f"{max_steps}: {error}") from error
+
+
+_TRAINING_FINITE = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                    "warmup_ratio", "label_smoothing_factor")
 
 _TRAINING_POSITIVE = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                       "gradient_accumulation_steps")
@@ -160,6 +186,10 @@ def _check_training(training: dict, where: str, defaults: dict | None = None) ->
     for key in _TRAINING_NON_NEGATIVE:
         if training.get(key) is not None and training[key] < 0:
             raise ValueError(f"{where}: training.{key} = {training[key]!r}; expected a number >= 0")
+    for key in _TRAINING_FINITE:  # TrainingArguments accepts nan / inf; the optimizer fails only at the first step
+        value = training.get(key)
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{where}: training.{key} = {value!r}; expected a finite number >= 0")
     _construct_training_arguments({**(defaults or {}), **training}, where)
 
 
