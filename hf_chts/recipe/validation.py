@@ -129,25 +129,26 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{where}: data.{key} = {value!r}; expected a positive number of blocks, or null for "
                              "all of them")
-    config = sparsify_config(recipe, where=where)  # SparsifyConfig validation (ValueError naming the field)
+    sparsify_config(recipe, where=where)  # SparsifyConfig validation (ValueError naming the field)
     _check_training(recipe.training, where, defaults=recipe_strategy_defaults(recipe))
-    _check_schedule(config, recipe.training["max_steps"], where)
     gbs = recipe.run.global_batch_size
     if gbs is not None and "gradient_accumulation_steps" in recipe.training:
         raise ValueError(f"{where}: set either run.global_batch_size or training.gradient_accumulation_steps, not both "
                          "(the accumulation is computed from the global batch)")
 
 
-def _check_schedule(config, max_steps: int, where: str) -> None:
-    """The sparse schedule of a ``max_steps`` run must hold its topology updates (the engine's own check, run now,
-    before the output folder is claimed)."""
+def check_schedule(recipe: Recipe) -> None:
+    """The sparse schedule of the run must hold its topology updates: the engine's own check, run before any data
+    is loaded or the output folder is claimed (``ValueError`` naming the fields). Not part of
+    :func:`recipe_from_dict`, so a recipe that is only inspected or checked may be shorter than a run needs."""
     from ..schedules import SparseSchedule
 
+    config, max_steps = sparsify_config(recipe), recipe.training.get("max_steps")
     try:
         SparseSchedule.from_config(config, max_steps)
     except ValueError as error:
-        raise ValueError(f"{where}: sparsify.update_interval = {config.update_interval} with training.max_steps = "
-                         f"{max_steps}: {error}") from error
+        raise ValueError(f"{recipe.source or 'recipe'}: sparsify.update_interval = {config.update_interval} with "
+                         f"training.max_steps = {max_steps}: {error}") from error
 
 
 _TRAINING_FINITE = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
