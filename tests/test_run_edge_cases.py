@@ -218,3 +218,63 @@ def test_recipe_resume_after_a_kill_during_a_later_checkpoint_save(tmp_path, cap
     assert cli_main(["train", str(path), "--run.resume", "true"]) == 0
     summary = json.loads((out / R.SUMMARY_FILE).read_text())
     assert summary["steps"] == 8
+
+
+# --------------------------------------------------------------------------- item 9: evaluation after training
+def _long_corpus(folder: Path, paragraphs: int = 60) -> None:
+    import random
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ("extraordinarily counterbalancing photosynthesis thermodynamically incomprehensibility "
+             "electroencephalograph uncharacteristically interdisciplinary").split()
+    rng = random.Random(0)
+    text = "\n\n".join(f"Paragraph {n}: " + " ".join(rng.choice(words) for _ in range(60)) for n in range(paragraphs))
+    (folder / "long.txt").write_text(text + "\n", encoding="utf-8")
+
+
+def test_local_task_answers_are_shortened_to_fit_the_context():
+    from hf_chts.recipe.finish import fitting_continuation_words
+
+    class Characters:  # one token per character: word lengths decide
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text)}
+
+    texts = [" ".join(["w" * 5] * 40) for _ in range(4)]  # answers of k words are 6k characters
+    assert fitting_continuation_words(texts, Characters(), 2048) == 8
+    assert fitting_continuation_words(texts, Characters(), 32) == 5  # 6 * 5 = 30 <= 32 - 1
+    assert fitting_continuation_words(texts, Characters(), 6) == 0  # not one word (6 tokens) fits 6 - 1
+    assert fitting_continuation_words(texts, None, 8) == 8  # nothing to measure with
+
+
+def test_an_evaluation_failure_after_training_still_writes_the_summary(tmp_path, monkeypatch, capsys):
+    from test_recipe import _FakeTrainer, _finish_run_inputs
+
+    recipe, model, data = _finish_run_inputs(tmp_path)
+
+    def failing_lm_eval(*args, **kwargs):
+        raise AssertionError("continuation longer than max_length")
+
+    monkeypatch.setattr(R.finish, "run_lm_eval", failing_lm_eval)
+    with pytest.raises(Exception) as failed:  # the run still fails (exit status), after writing the summary
+        R.finish_run(recipe, _FakeTrainer(model, []), None, None, data, started=0.0)
+    summary = json.loads((recipe.output_dir / R.SUMMARY_FILE).read_text())
+    assert type(failed.value).__name__ == "EvaluationAfterTrainingError"
+    assert "'lm_eval' failed" in str(failed.value) and "hf-chts eval" in str(failed.value)
+    assert summary["steps"] == 8 and summary["val_loss"] == 4.5 and summary["reload_check"]["match"] is True
+    assert summary["evaluation_errors"] == [{"step": "lm_eval",
+                                             "error": "AssertionError: continuation longer than max_length"}]
+    assert (recipe.output_dir / R.FINAL_DIR / "sparsity.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_recipe_local_task_fits_a_short_context(tmp_path):
+    pytest.importorskip("lm_eval")
+    _long_corpus(tmp_path / "corpus")
+    path = write_yaml(tmp_path / "recipe.yaml", small_recipe(
+        tmp_path, data={"text_files": [str(tmp_path / "corpus" / "*.txt")], "block_size": 32},
+        training={"max_steps": 4}, sparsify={"update_interval": 1},
+        eval={"local_task_from_heldout": True, "local_task_documents": 12, "limit": 4, "check_reload": False}))
+    assert cli_main(["train", str(path)]) == 0
+    summary = json.loads((tmp_path / "run" / R.SUMMARY_FILE).read_text())
+    assert "evaluation_errors" not in summary
+    assert "hf_chts_local_choice" in summary["lm_eval"]["tasks"] and summary["lm_eval"]["metrics"]
