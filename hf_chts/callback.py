@@ -21,6 +21,11 @@ Trainer reads that record from the checkpoint it really loads, and the callback
 accepts only the engine state that matches it; with
 ``TrainingArguments(restore_callback_states_from_checkpoint=True)`` the Trainer
 rebuilds the callback from the record (``calibration_batch`` is not restored).
+
+With ``TrainingArguments(load_best_model_at_end=True)`` the Trainer reloads the
+best checkpoint's weights at the end; the callback then restores that
+checkpoint's masks and engine state too, so the model (and ``final/``) is the
+best checkpoint, never its weights under the last masks.
 """
 
 from __future__ import annotations
@@ -229,5 +234,40 @@ class CHTssTrainerCallback(TrainerCallback, ExportableState):
         keep_sparse_card(getattr(self, "_trainer", None), model)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.engine is not None:
+        """With ``load_best_model_at_end`` the Trainer has just reloaded the best checkpoint's weights: restore
+        its masks and engine state too, so the model (and a save of it) is the best checkpoint, not its
+        weights under the last topology. Then detach the engine from the optimizer."""
+        if self.engine is None:
+            return
+        try:
+            if getattr(args, "load_best_model_at_end", False) and state.best_model_checkpoint:
+                self.restore_checkpoint_topology(state.best_model_checkpoint)
+        finally:
             self.engine.close()
+
+    def restore_checkpoint_topology(self, folder: str) -> None:
+        """Load the masks and engine state of the Trainer checkpoint ``folder`` into the running engine.
+
+        The engine state must be the one the folder's ``trainer_state.json`` recorded for this callback
+        (same step and fingerprint); anything else is refused (``ValueError`` naming the folder).
+        """
+        from transformers import TrainerState
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        from .checkpointing.loading import read_engine_state
+
+        engine_state = read_engine_state(folder) if os.path.isdir(folder) else None
+        if engine_state is None:
+            raise ValueError(f"load_best_model_at_end: the best checkpoint {folder} holds no hf_chts engine state "
+                             "(sparsity.safetensors / sparsify_config.json), so its masks cannot be restored with "
+                             "its weights; keep the sparsity files in every checkpoint or set "
+                             "load_best_model_at_end=False")
+        state_file = os.path.join(folder, TRAINER_STATE_NAME)
+        recorded = self._saved_engine_record(TrainerState.load_from_json(state_file)) \
+            if os.path.isfile(state_file) else None
+        if recorded is not None and engine_fingerprint(engine_state) != recorded:
+            raise ValueError(f"load_best_model_at_end: the engine state in {folder} is not the one its "
+                             f"{TRAINER_STATE_NAME} recorded ({recorded}); the checkpoint folder is inconsistent")
+        self.engine.load_state_dict(engine_state, allow_config_change=self.allow_config_change)
+        logger.info("hf_chts: load_best_model_at_end: restored the masks and engine state of %s "
+                    "(step %d) with its weights", folder, engine_state["completed_steps"])

@@ -1,12 +1,35 @@
-"""Merging LoRA adapters into a sparsified model without losing its sparsity."""
+"""LoRA adapters and sparse checkpoints: merging without losing sparsity, and adapter files kept apart."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .layers import sparse_layers
 from .state import find_state
+
+#: PEFT's adapter files: ``from_pretrained`` loads them into the model automatically when a folder holds them
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def refuse_adapter_files(folder: str | os.PathLike) -> None:
+    """``ValueError`` naming the PEFT adapter files in a sparse checkpoint folder, and what to do.
+
+    transformers' ``from_pretrained`` would wrap the layers with the adapter, so the
+    checkpoint's masks would no longer match the model's layers (a misleading error
+    about the masks) or the model would silently differ from the saved sparse one.
+    """
+    found = [name for name in ADAPTER_FILES if os.path.lexists(Path(folder) / name)]
+    if found:
+        raise ValueError(
+            f"{folder} holds PEFT adapter files ({', '.join(found)}) next to the sparse checkpoint; transformers would "
+            "load them into the model and its layers would no longer match the masks. Move them to a folder of their "
+            "own and apply the adapter after loading: peft.PeftModel.from_pretrained(hf_chts.load_sparse(folder), "
+            "adapter_folder) (hf_chts.merge_lora merges it keeping the sparsity)")
+
 
 def merge_lora(peft_model: nn.Module) -> nn.Module:
     """Merge LoRA adapters into a sparsified base model and keep its sparsity pattern.

@@ -268,3 +268,32 @@ def test_trainer_can_rebuild_the_callback_from_trainer_state(make_tiny_model, tm
     assert rebuilt.engine.completed_steps == 12
     for name, layer in sparse_layers(first_model).items():
         assert torch.equal(layer.mask, sparse_layers(resumed_model)[name].mask), name
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_masks_and_engine_state(make_tiny_model, tmp_path):
+    """Issue 18 item 2: the Trainer reloads the best checkpoint's weights; the masks and engine state must come
+    with them, so a save of the model afterwards equals the best checkpoint (not its weights under the last masks)."""
+    from hf_chts import save_sparse
+    from hf_chts.checkpointing.format import read_masks
+    from hf_chts.checkpointing.loading import read_engine_state
+    from safetensors.torch import load_file
+
+    config = SparsifyConfig(method="chtss", target_density=0.3, update_interval=2, seed=0)
+    # greater_is_better on eval_loss: the first (densest) checkpoint is the "best", the last one is not
+    trainer, callback = make_trainer(
+        make_tiny_model("llama"), tmp_path / "run", config, max_steps=12, save_strategy="steps", save_steps=4,
+        eval_strategy="steps", eval_steps=4, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        greater_is_better=True, eval_dataset=PatternDataset(size=16, seed=1), learning_rate=1e-2)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-4"), best
+    final = tmp_path / "final"
+    save_sparse(trainer.model, str(final))
+    best_masks, final_masks = read_masks(best), read_masks(final)
+    assert best_masks.keys() == final_masks.keys()
+    assert all(torch.equal(best_masks[key], final_masks[key]) for key in best_masks)
+    last_masks = read_masks(tmp_path / "run" / "checkpoint-12")
+    assert any(not torch.equal(best_masks[key], last_masks[key]) for key in best_masks)  # the case matters
+    best_weights, final_weights = load_file(f"{best}/model.safetensors"), load_file(final / "model.safetensors")
+    assert all(torch.equal(best_weights[key], final_weights[key]) for key in best_weights)
+    assert read_engine_state(final)["completed_steps"] == read_engine_state(best)["completed_steps"] == 4

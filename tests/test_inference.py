@@ -227,6 +227,29 @@ def test_dtype_move_keeps_indices_and_results():
     assert (logits(model, ids).float() - expected).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_half_precision_cast_after_csr_conversion_still_runs(cast, caplog, monkeypatch):
+    """Issue 18 item 10: ``.to(torch.bfloat16)`` / ``.half()`` after a float32 CSR conversion (docs/inference.md,
+    "dtypes and devices"): where torch has no CSR kernel for that dtype the layers compute in float32, once warned."""
+    reference = sparse_tiny("llama")
+    model = to_sparse_inference(copy.deepcopy(reference), kernel="csr")
+    ids = torch.tensor([PROMPTS[2]])
+    logits(model, ids)  # the float32 CSR view is cached before the cast
+    dtype = torch.bfloat16 if cast == "bfloat16" else torch.float16
+    model = model.to(dtype) if cast == "bfloat16" else model.half()
+    module = model.model.layers[0].self_attn.q_proj
+    assert module.csr_values.dtype == dtype and module.kernel == "csr"
+    monkeypatch.setattr("hf_chts.inference.linear._WARNED_UPCAST", set(), raising=False)
+    with caplog.at_level("WARNING", logger="hf_chts.inference.linear"):
+        cast_logits = logits(model, ids)
+        logits(model, torch.tensor([PROMPTS[0][:1]]))  # one token: the matrix-vector path
+    assert cast_logits.dtype == dtype
+    expected = logits(copy.deepcopy(reference).to(dtype), ids)  # the masked dense model in the same dtype
+    assert (cast_logits.float() - expected.float()).abs().max() <= 0.05 * expected.float().abs().max()
+    if not csr_supported("cpu", dtype):
+        assert sum("no CSR kernel" in record.getMessage() for record in caplog.records) == 1
+
+
 def test_lm_eval_hflm_scores_like_the_masked_model():
     pytest.importorskip("lm_eval")
     import transformers

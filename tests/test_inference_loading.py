@@ -149,3 +149,25 @@ def test_bench_inference_reports_both_models(saved, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "decode tok/s (batch 1)" in text and "dense twin" in text and "largest |logit difference|" in text
     assert cli_main(["bench-inference", str(saved["root"] / "compact"), "--decode-batches", "0"]) == 2
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--prompt-tokens", "100000"], "--prompt-tokens 100000 exceeds the model's context"),
+    (["--prompt-tokens", "8", "--new-tokens", "200"], "--new-tokens 200 after the 16-token decode prompt"),
+])
+def test_bench_inference_checks_the_lengths_against_the_models_positions(tmp_path, capsys, flags, named):
+    """Issue 18 item 10: a 128-position model and a prompt or a decode run longer than that: one line, exit 2."""
+    import transformers
+
+    from hf_chts import SparsifyConfig, sparsify
+    from hf_chts.cli import main as cli_main
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
+        n_embd=32, n_head=4, n_layer=1, n_positions=128, vocab_size=64, bos_token_id=0, eos_token_id=1))
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.5))
+    save_sparse(model, tmp_path / "gpt2-128")
+    code = cli_main(["bench-inference", str(tmp_path / "gpt2-128"), "--rounds", "1", "--decode-batches", "1", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and "internal error" not in err, err
+    assert named in err and "max_position_embeddings = 128" in err, err

@@ -104,3 +104,42 @@ def test_plain_merge_and_unload_is_reported_and_its_save_warns(make_tiny_model, 
     with caplog.at_level(logging.WARNING, logger="hf_chts"):
         save_sparse(kept, tmp_path / "kept")
     assert not [r for r in caplog.records if "masked positions" in r.getMessage()]
+
+
+def test_adapter_files_in_a_sparse_checkpoint_folder_are_named_with_the_fix(make_tiny_model, tmp_path, capsys):
+    """Issue 18 item 8: a LoRA adapter saved into the sparse checkpoint's folder (transformers would load it into the
+    model): load_sparse and the CLI name the adapter files and the fix; the fix reproduces the adapted model."""
+    import shutil
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from hf_chts.cli import main as cli_main
+
+    folder = tmp_path / "sparse"
+    model = make_tiny_model("llama")
+    sparsify(model, SparsifyConfig(method="chts", target_density=0.3))
+    save_sparse(model, folder)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # a trained adapter: it changes the outputs
+    peft_model.eval().save_pretrained(folder)
+    assert (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists()
+
+    for inference in (False, True):
+        with pytest.raises(ValueError, match="adapter_config.json, adapter_model.safetensors") as refused:
+            load_sparse(str(folder), inference=inference)
+        assert "PeftModel.from_pretrained(hf_chts.load_sparse(folder), adapter_folder)" in str(refused.value)
+    assert cli_main(["export", str(folder), str(tmp_path / "exported")]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_config.json" in err and "internal error" not in err and "sparsity.safetensors" not in err
+    # the advice works: the adapter in its own folder, applied after load_sparse
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.move(folder / name, adapter / name)
+    adapted = PeftModel.from_pretrained(load_sparse(str(folder)), str(adapter)).eval()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5)

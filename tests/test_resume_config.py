@@ -123,10 +123,15 @@ def test_recipe_resume_with_another_sparsify_section_is_refused_before_anything_
     out.mkdir()
     write_run_marker(out)
     (out / R.RECIPE_COPY).write_text(yaml.safe_dump(recipe.to_dict()), encoding="utf-8")
-    saved = R.sparsify_config(recipe).to_dict()
-    (out / "checkpoint-2").mkdir()
-    record = {"format_version": FORMAT_VERSION, "config": saved, "engine": None}
-    (out / "checkpoint-2" / CONFIG_FILE).write_text(json.dumps(record), encoding="utf-8")
+    from conftest import tiny_model
+
+    from hf_chts import save_sparse, sparsify
+
+    model = tiny_model("llama")  # a complete checkpoint saved under the recipe's SparsifyConfig
+    sparsify(model, R.sparsify_config(recipe))
+    save_sparse(model, out / "checkpoint-2")
+    assert json.loads((out / "checkpoint-2" / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION
+    (out / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}), encoding="utf-8")
     assert R.check_output_dir(recipe) == "resume"  # same config: resumes
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     code = cli_main(["train", str(path), "--sparsify.target_density", "0.3", "--run.seed", "4"])

@@ -32,8 +32,9 @@ def training_args(output_dir, **overrides):
     return TrainingArguments(**values)
 
 
-def make_trainer(model, output_dir, config: SparsifyConfig, dataset=None, **overrides):
+def make_trainer(model, output_dir, config: SparsifyConfig, dataset=None, eval_dataset=None, **overrides):
     callback = CHTssTrainerCallback(config)
     trainer = Trainer(model=model, args=training_args(output_dir, **overrides),
-                      train_dataset=dataset if dataset is not None else PatternDataset(), callbacks=[callback])
+                      train_dataset=dataset if dataset is not None else PatternDataset(),
+                      eval_dataset=eval_dataset, callbacks=[callback])
     return trainer, callback

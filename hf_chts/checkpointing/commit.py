@@ -224,6 +224,23 @@ def interrupted_save_note(target: str | os.PathLike) -> str | None:
 
 
 # -------------------------------------------------------------------- commit
+def drop_empty_target(target: Path) -> None:
+    """Treat an empty folder at ``target`` as absent: remove it (``rmdir``, which refuses a non-empty folder).
+
+    ``Trainer._save`` creates ``checkpoint-N/`` before ``save_pretrained`` runs; without this, a save killed
+    before its swap would leave that empty folder behind, which ``get_last_checkpoint`` picks and resume then
+    fails on. The working directory is left alone (removing it would break relative paths).
+    """
+    if target.is_symlink() or not target.is_dir():
+        return
+    with contextlib.suppress(OSError):
+        if os.path.samefile(target, os.getcwd()):
+            return
+    with contextlib.suppress(OSError):  # not empty (or not ours to remove): saved into as before
+        os.rmdir(target)
+        fsync_path(target.parent)
+
+
 @contextlib.contextmanager
 def save_lock(target: Path) -> Iterator[None]:
     """Hold the save lock of ``target``'s parent folder (waits ``HF_CHTS_SAVE_LOCK_TIMEOUT`` s, default 3600)."""
@@ -266,6 +283,7 @@ def staged_commit(target: str | os.PathLike, owned_by_old_save: Callable[[Path],
     target.parent.mkdir(parents=True, exist_ok=True)
     with save_lock(target):
         recover_interrupted_save(target)
+        drop_empty_target(target)
         save_id = uuid.uuid4().hex
         staging = target.parent / f".{target.name}.hf_chts-staging-{save_id}"
         retired = target.parent / f".{target.name}.hf_chts-retired-{save_id}"

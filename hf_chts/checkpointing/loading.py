@@ -17,6 +17,7 @@ from ..config import SparsifyConfig
 from ..inference.autotune import DEFAULT_AUTO_TOKENS
 from ..io_utils import looks_like_local_path, read_json_object
 from ..layers import logical_shape_of
+from ..lora import refuse_adapter_files
 from ..model import modules_named, select_modules, sparsify
 from ..state import find_state
 from .commit import interrupted_save_note, refuse_save_leftover
@@ -211,6 +212,7 @@ def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = No
     record = verified_record(folder)
     compact = (folder / SPARSE_WEIGHTS_FILE).exists()
     check_model_files(folder)
+    refuse_adapter_files(folder)  # transformers would load them into the model (docstring of hf_chts.lora)
     if not os.path.lexists(folder / SPARSITY_FILE):
         if compact or record is not None:
             raise ValueError(

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..checkpointing.loading import load_sparse, resolve_checkpoint
 from .convert import inference_info, inference_report
-from .throughput import compare_throughput, max_logit_difference, random_ids
+from .throughput import DECODE_PROMPT_TOKENS, compare_throughput, max_logit_difference, random_ids
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -73,6 +73,20 @@ def _positive_ints(text: str, field: str) -> list[int]:
     return values
 
 
+def check_positions(config, folder, *, prompt_tokens: int, new_tokens: int) -> None:
+    """``ValueError`` when the prefill or the decode run would exceed the model's ``max_position_embeddings``."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit < 1:
+        return
+    if prompt_tokens > limit:
+        raise ValueError(f"--prompt-tokens {prompt_tokens} exceeds the model's context: {folder}/config.json "
+                         f"max_position_embeddings = {limit}; use --prompt-tokens {limit} or fewer")
+    if DECODE_PROMPT_TOKENS + new_tokens > limit:
+        raise ValueError(f"--new-tokens {new_tokens} after the {DECODE_PROMPT_TOKENS}-token decode prompt exceeds the "
+                         f"model's context: {folder}/config.json max_position_embeddings = {limit}; use "
+                         f"--new-tokens {max(limit - DECODE_PROMPT_TOKENS, 1)} or fewer")
+
+
 def run_bench_inference(checkpoint, *, kernel: str = "auto", prompt_tokens: int = 128, new_tokens: int = 32,
                         decode_batches=(1, 8), rounds: int = 3, revision: str | None = None) -> dict:
     """Measure the checkpoint's sparse inference model against its dense twin; a JSON-ready dict."""
@@ -83,6 +97,7 @@ def run_bench_inference(checkpoint, *, kernel: str = "auto", prompt_tokens: int 
     sparse = load_sparse(folder, inference=True, kernel=kernel)
     if inference_info(sparse) is None:
         raise ValueError(f"{folder} is not a sparse checkpoint (no sparsity.safetensors); nothing to compare")
+    check_positions(sparse.config, folder, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     dense = load_sparse(folder).eval()
     vocab = sparse.config.vocab_size
     timings = compare_throughput({"sparse": sparse, "dense": dense}, vocab_size=vocab, prompt_tokens=prompt_tokens,

@@ -17,12 +17,17 @@ would record gradients (an input or the bias requiring grad).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .autotune import KernelChoice
-from .kernels import csr_from_mask, csr_matmul, make_csr
+from .kernels import csr_from_mask, csr_matmul, csr_supported, make_csr
+
+logger = logging.getLogger(__name__)
+_WARNED_UPCAST: set[tuple[str, torch.dtype]] = set()
 
 
 class InferenceOnlyError(RuntimeError):
@@ -123,10 +128,29 @@ class SparseInferenceLinear(nn.Module):
             flat = x.reshape(-1, self.in_features)
             out = torch.mm(flat, self.weight) if self.bias is None else torch.addmm(self.bias, flat, self.weight)
             return out.view(*x.shape[:-1], self.out_features)
-        out = csr_matmul(self.csr_weight(), x.reshape(-1, self.in_features))
+        flat = x.reshape(-1, self.in_features)
+        if csr_supported(flat.device, self.csr_values.dtype):
+            out = csr_matmul(self.csr_weight(), flat)
+        else:  # e.g. .to(torch.bfloat16) / .half() after conversion, on CPU: compute in float32
+            out = self._float32_matmul(flat).to(x.dtype)
         if self.bias is not None:
             out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _float32_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        """The CSR forward in float32 for a dtype torch has no CSR kernel for on this device (docs/inference.md,
+        "dtypes and devices"): the stored values keep their dtype and are upcast for each call."""
+        key = (str(flat.device), self.csr_values.dtype)
+        if key not in _WARNED_UPCAST:
+            _WARNED_UPCAST.add(key)
+            logger.warning("hf_chts: torch has no CSR kernel for %s on %s; the sparse layers of this inference "
+                           "model compute in float32 (values upcast per call). For speed keep the model in float32 "
+                           "(model.float()), or load it with load_sparse(path, inference=True, dtype=%s) so "
+                           "kernel='auto' chooses per layer", self.csr_values.dtype, flat.device,
+                           self.csr_values.dtype)
+        csr = make_csr(self.csr_crow_indices, self.csr_col_indices, self.csr_values.float(),
+                       (self.out_features, self.in_features))
+        return csr_matmul(csr, flat.float())
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): drop the CSR view of the old buffers
         self._csr_key, self._csr = None, None

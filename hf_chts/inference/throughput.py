@@ -99,6 +99,10 @@ class ThroughputResult:
                 "peak_extra_bytes": self.peak_extra_bytes}
 
 
+#: length of the decode measurement's prompt
+DECODE_PROMPT_TOKENS = 16
+
+
 def compare_throughput(models: dict[str, nn.Module], *, vocab_size: int, prompt_tokens: int = 128,
                        new_tokens: int = 32, decode_batches=(1, 8), rounds: int = 3) -> dict[str, ThroughputResult]:
     """Prefill tokens/s (batch 1, ``prompt_tokens``) and decode tokens/s per batch size of each model.
@@ -108,7 +112,7 @@ def compare_throughput(models: dict[str, nn.Module], *, vocab_size: int, prompt_
     during the model's first round (activations, KV cache, kernel workspaces).
     """
     prompt = random_ids(1, prompt_tokens, vocab_size, seed=1)
-    decode_prompts = {batch: random_ids(batch, 16, vocab_size, seed=2) for batch in decode_batches}
+    decode_prompts = {batch: random_ids(batch, DECODE_PROMPT_TOKENS, vocab_size, seed=2) for batch in decode_batches}
     results = {name: ThroughputResult() for name in models}
     for model in models.values():  # warm-up (allocator, MKL handles), not timed
         prefill_seconds(model, prompt[:, :8])

@@ -46,7 +46,7 @@ from .presets import MODEL_PRESETS, model_settings
 from .run import dense_baseline_recipe, last_checkpoint, run_recipe, train_command, train_dense_baseline
 from .loading import load_recipe
 from .overrides import apply_overrides, parse_overrides
-from .paths import check_input_paths, check_output_dir, prepare_output_dir, resolve_text_files
+from .paths import check_input_paths, check_output_dir, prepare_output_dir, release_output_dir, resolve_text_files
 from .schema import (
     BUILTIN_CORPORA,
     DENSE_BASELINE_DIR,
@@ -62,7 +62,7 @@ from .schema import (
     TokenizerSection,
     sparsify_config,
 )
-from .validation import recipe_from_dict
+from .validation import check_schedule, recipe_from_dict
 from .finish import (
     add_results_to_final_card,
     check_reload,
@@ -104,6 +104,7 @@ __all__ = [
     "check_input_paths",
     "check_output_dir",
     "check_reload",
+    "check_schedule",
     "comparison_line",
     "dense_baseline_recipe",
     "dense_baseline_record",
@@ -140,6 +141,7 @@ __all__ = [
     "Recipe",
     "RECIPE_COPY",
     "recipe_from_dict",
+    "release_output_dir",
     "reload_final_checkpoint",
     "resolve_text_files",
     "add_results_to_final_card",

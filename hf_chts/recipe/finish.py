@@ -25,7 +25,7 @@ from ..checkpointing.saving import write_sparsity_files
 from ..layers import sparse_layers, zero_masked_
 from ..model import sparsity_report
 from .data import LMData, collate_blocks
-from .schema import Recipe
+from .schema import SUMMARY_FILE, Recipe
 from .summary import FINAL_DIR, build_summary, write_summary
 
 logger = logging.getLogger(__name__)
@@ -98,14 +98,57 @@ def check_reload(recipe: Recipe, model, reloaded, data: LMData, final_dir: Path)
     return {"in_memory_loss": in_memory, "reloaded_loss": from_disk, "match": match}
 
 
+LOCAL_TASK_CONTEXT_WORDS = 24
+LOCAL_TASK_CONTINUATION_WORDS = 8
+
+
+def model_max_length(model) -> int | None:
+    """The model's context in tokens, read from its config as lm-eval's ``HFLM`` reads it (``None`` if unknown)."""
+    for attribute in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model.config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fitting_continuation_words(texts: list[str], tokenizer, max_length: int | None,
+                               *, context_words: int = LOCAL_TASK_CONTEXT_WORDS,
+                               most: int = LOCAL_TASK_CONTINUATION_WORDS) -> int:
+    """Words per answer of the local multiple-choice task such that every answer fits the model's context.
+
+    lm-eval keeps the whole continuation (only the context is cut from the left) and asserts that it fits
+    ``max_length``; answers are kept to ``max_length - 1`` tokens so at least one context token remains. Returns
+    the largest count up to ``most`` that fits (0 when not even one word does).
+    """
+    if max_length is None or tokenizer is None:
+        return most
+    budget = max_length - 1
+    spans = [text.split()[context_words:] for text in texts]
+    for words in range(most, 0, -1):
+        longest = max((len(tokenizer(" " + " ".join(span[:words]), add_special_tokens=False)["input_ids"])
+                       for span in spans if len(span) >= words), default=0)
+        if longest <= budget:
+            return words
+    return 0
+
+
 def run_lm_eval(recipe: Recipe, model, tokenizer, data: LMData) -> dict[str, Any] | None:
-    """lm-eval tasks (and tasks built from held-out text) on ``model``; main process only."""
+    """lm-eval tasks (and tasks built from held-out text, within the model's context) on ``model``; main process
+    only."""
     tasks = list(recipe.eval.tasks)
     include_path = None
     if recipe.eval.local_task_from_heldout:
         include_path = recipe.output_dir / "lm_eval_tasks"
         texts = data.validation_texts[: recipe.eval.local_task_documents]
-        tasks.extend(evaluation.write_local_tasks(include_path, texts, seed=recipe.run.seed))
+        words = fitting_continuation_words(texts, tokenizer, model_max_length(model))
+        kinds = ("choice", "perplexity") if words else ("perplexity",)
+        if words < LOCAL_TASK_CONTINUATION_WORDS:
+            logger.warning("hf_chts: local lm-eval task answers shortened to %d word(s) to fit the model's context of "
+                           "%d tokens%s", words, model_max_length(model),
+                           "" if words else "; the multiple-choice task is skipped")
+        tasks.extend(evaluation.write_local_tasks(include_path, texts, seed=recipe.run.seed, kinds=kinds,
+                                                  context_words=LOCAL_TASK_CONTEXT_WORDS,
+                                                  continuation_words=max(words, 1)))
     if not tasks:
         return None
     device = str(next(model.parameters()).device)
@@ -133,6 +176,18 @@ def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, st
     Every process must call it (evaluation is collective); only the main
     process writes files. Returns the summary (the main process's copy).
     """
+    failures: list[tuple[str, Exception]] = []
+
+    def attempt(step: str, run, fallback=None):
+        """An evaluation step after training: a failure is recorded (the summary is still written), not fatal."""
+        try:
+            return run()
+        except Exception as error:  # noqa: BLE001 - re-raised after the summary is written
+            failures.append((step, error))
+            logger.warning("hf_chts: the evaluation step '%s' failed after training: %s: %s", step,
+                           type(error).__name__, " ".join(str(error).split())[:300])
+            return fallback
+
     metrics = evaluate_perplexity(recipe, trainer)
     ranks = gather_ranks()
     full_state_dict = gather_full_state_dict(trainer)
@@ -141,16 +196,33 @@ def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, st
         report = sparsity_report(trainer.model)
         final_dir = save_final_checkpoint(recipe, trainer, tokenizer, full_state_dict)
         full_state_dict = None
-        reloaded = reload_final_checkpoint(recipe, trainer.model, final_dir)
-        reload_check = check_reload(recipe, trainer.model, reloaded, data, final_dir)
-        lm_eval = run_lm_eval(recipe, reloaded if reloaded is not None else trainer.model, tokenizer, data)
-        add_results_to_final_card(trainer.model, final_dir, lm_eval)
+        reloaded = attempt("reload", lambda: reload_final_checkpoint(recipe, trainer.model, final_dir))
+        reload_check = None if failures else attempt(
+            "check_reload", lambda: check_reload(recipe, trainer.model, reloaded, data, final_dir))
+        lm_eval = attempt("lm_eval", lambda: run_lm_eval(recipe, reloaded if reloaded is not None else trainer.model,
+                                                         tokenizer, data))
+        if lm_eval:
+            attempt("model_card", lambda: add_results_to_final_card(trainer.model, final_dir, lm_eval))
         summary = build_summary(recipe, trainer, callback, data, report=report, metrics=metrics, ranks=ranks,
                                 reload_check=reload_check, lm_eval=lm_eval, final_dir=final_dir, started=started,
                                 train_output=train_output, dense_baseline=dense_baseline)
+        if failures:
+            summary["evaluation_errors"] = [{"step": step, "error": f"{type(error).__name__}: {error}"}
+                                            for step, error in failures]
         write_summary(recipe, summary)
     trainer.accelerator.wait_for_everyone()
+    if failures:
+        step, error = failures[0]
+        raise EvaluationAfterTrainingError(
+            f"training finished, but the evaluation step '{step}' failed ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:300]}); the trained model is in {recipe.output_dir / FINAL_DIR} and "
+            f"{recipe.output_dir / SUMMARY_FILE} records the run (evaluation_errors); evaluate it again with "
+            f"hf-chts eval {recipe.output_dir / FINAL_DIR} --tasks ...") from error
     return summary
+
+
+class EvaluationAfterTrainingError(RuntimeError):
+    """An evaluation step after training failed; the final checkpoint and the run summary were written."""
 
 
 # ---------------------------------------------------------------- helpers

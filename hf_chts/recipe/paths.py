@@ -13,7 +13,10 @@ import yaml
 
 from ..io_utils import atomic_write_text, looks_like_local_path
 from .resume import check_resume_matches
-from .run_folder import RUN_MARKER, clear_run_folder, overwrite_refusal, read_run_marker, write_run_marker
+from .run_folder import (
+    RUN_MARKER, RunFolderInUse, check_run_folder_free, clear_run_folder, create_run_marker, hold_run_folder,
+    overwrite_refusal, read_run_marker, release_run_folder,
+)
 from .schema import RECIPE_COPY, SUMMARY_FILE, Recipe
 
 logger = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ def check_output_dir(recipe: Recipe) -> str:
         return "new"
     if not out.is_dir():
         raise FileExistsError(f"run.output_dir {str(out)!r} exists and is not a folder")
+    check_run_folder_free(out)  # another run is training there right now
     marker, summary = out / RECIPE_COPY, out / SUMMARY_FILE
     if recipe.source and marker.resolve() == Path(recipe.source).resolve():
         raise FileExistsError(f"run.output_dir {str(out)!r} is the folder of the recipe file {recipe.source!r}, and "
@@ -116,15 +120,33 @@ def check_output_dir(recipe: Recipe) -> str:
 
 
 def prepare_output_dir(recipe: Recipe, mode: str) -> None:
-    """Main process only: claim the folder (run marker), clear it when overwriting, write the recipe copy.
+    """Main process only: claim the folder (lock + run marker), clear it when overwriting, write the recipe copy.
 
-    Overwriting removes only the contents of a folder that holds hf_chts's run
-    marker (checked again here); a new or empty folder gets a fresh marker.
+    The folder's run lock is taken first and held until :func:`release_output_dir`
+    (or the end of the process); under it the folder is checked again
+    (:func:`check_output_dir` must still answer ``mode``), so a run that claimed
+    it in the meantime is never overwritten or joined. Overwriting removes only
+    the contents of a folder that holds hf_chts's run marker; a new or empty
+    folder gets its marker by an exclusive create.
     """
     out = recipe.output_dir
-    if mode == "overwrite" and out.exists():
-        clear_run_folder(out, recipe.source)
     out.mkdir(parents=True, exist_ok=True)
-    if mode != "resume" and read_run_marker(out) is None and not any(out.iterdir()):
-        write_run_marker(out)
-    atomic_write_text(out / RECIPE_COPY, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    hold_run_folder(out)
+    try:
+        now = check_output_dir(recipe)
+        if now != mode:
+            raise RunFolderInUse(f"run.output_dir {str(out)!r} changed while this run was starting (checked: {mode}, "
+                                 f"now: {now}); start the run again")
+        if mode == "overwrite":
+            clear_run_folder(out, recipe.source)
+        elif mode != "resume" and read_run_marker(out) is None and not any(out.iterdir()):
+            create_run_marker(out)
+        atomic_write_text(out / RECIPE_COPY, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    except BaseException:
+        release_run_folder(out)
+        raise
+
+
+def release_output_dir(recipe: Recipe) -> None:
+    """Release the run folder's lock taken by :func:`prepare_output_dir` (the run has ended)."""
+    release_run_folder(recipe.output_dir)

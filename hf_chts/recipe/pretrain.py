@@ -46,6 +46,7 @@ def main(argv=None):
     #    and the output folder: it must not hold another run (checked by every rank, nothing written yet).
     try:
         recipe = R.load_recipe(args.config, overrides, overwrite=args.overwrite)
+        R.check_schedule(recipe)
         mode = R.check_output_dir(recipe)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
@@ -88,7 +89,7 @@ def main(argv=None):
     trainer = R.build_trainer(recipe, model, tokenizer, data, callback, args=training_args)
 
     # 7. Train (resuming from the last checkpoint-N when run.resume is set).
-    resume = R.last_checkpoint(recipe) if mode == "resume" else None
+    resume = R.last_checkpoint(recipe, report=True) if mode == "resume" else None
     output = trainer.train(resume_from_checkpoint=resume)
 
     # 8. Evaluate: the validation loss through the Trainer, the ranks' ids and, with FSDP2-sharded

@@ -12,11 +12,12 @@ from ..deepspeed_check import refuse_deepspeed
 from .data import build_lm_datasets, build_tokenizer, load_corpus
 from .models import build_model, configure_torch
 from .loading import load_recipe
-from .paths import check_output_dir, prepare_output_dir
+from .paths import check_output_dir, prepare_output_dir, release_output_dir
 from .resume import last_checkpoint
 from .schema import DENSE_BASELINE_DIR, Recipe, sparsify_config
 from .summary import dense_baseline_record
 from ..verbosity import follow_trainer_log_level
+from .validation import check_schedule
 from .finish import finish_run
 from .trainer import build_trainer, make_callback, training_arguments
 
@@ -59,6 +60,7 @@ def run_recipe(recipe: Recipe, *, mode: str | None = None) -> dict[str, Any]:
 
     started = time.time()
     refuse_deepspeed(f"recipe {recipe.source or ''}".strip(), training=recipe.training)  # before anything loads
+    check_schedule(recipe)  # a schedule without updates fails now, not after the output folder is claimed
     threads = torch.get_num_threads()
     configure_torch(recipe)
     try:
@@ -81,11 +83,12 @@ def run_recipe(recipe: Recipe, *, mode: str | None = None) -> dict[str, Any]:
         args = training_arguments(recipe, world_size=state.num_processes)
         follow_trainer_log_level(args)  # training.log_level applies to hf_chts's messages too
         trainer = build_trainer(recipe, model, tokenizer, data, callback, args=args)
-        resume = last_checkpoint(recipe) if mode == "resume" else None
+        resume = last_checkpoint(recipe, report=True) if mode == "resume" else None
         output = trainer.train(resume_from_checkpoint=resume)
         return finish_run(recipe, trainer, callback, tokenizer, data, started=started, train_output=output,
                           dense_baseline=dense_baseline)
     finally:
+        release_output_dir(recipe)  # the run folder's lock (taken by prepare_output_dir on the main process)
         torch.set_num_threads(threads)  # run.torch_threads applies to this run only
 
 

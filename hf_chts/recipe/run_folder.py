@@ -7,10 +7,17 @@ Only a folder holding a valid marker is ever cleared by ``--overwrite`` /
 stays). Even with a marker, the folder is refused when it is a symlink, or when
 the current directory, the home directory, ``/`` or the recipe file lies inside
 it (which also covers every ancestor of those).
+
+A run holds an exclusive lock on its folder (``flock`` on the folder itself) from
+the moment it claims it until it ends (the OS releases it when the process dies),
+and a new folder's marker is created exclusively (``link``: fails if one exists),
+so of two runs started together into one folder exactly one proceeds; the other
+fails with one line (:class:`RunFolderInUse`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -42,13 +49,87 @@ def read_run_marker(folder: str | os.PathLike) -> dict | None:
     return data
 
 
-def write_run_marker(folder: str | os.PathLike) -> str:
-    """Write a fresh marker (new run id) into ``folder``; returns the run id."""
+def _marker_text(folder: str | os.PathLike) -> tuple[str, str]:
     run_id = uuid.uuid4().hex
     marker = {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "hf_chts_version": __version__, "path": str(Path(folder).resolve())}
-    atomic_write_text(Path(folder) / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
+              "hf_chts_version": __version__, "pid": os.getpid(), "path": str(Path(folder).resolve())}
+    return run_id, json.dumps(marker, indent=2) + "\n"
+
+
+def write_run_marker(folder: str | os.PathLike) -> str:
+    """Write a fresh marker (new run id) into ``folder``, replacing any; returns the run id."""
+    run_id, text = _marker_text(folder)
+    atomic_write_text(Path(folder) / RUN_MARKER, text)
     return run_id
+
+
+def create_run_marker(folder: str | os.PathLike) -> str:
+    """Create the marker of a new run in ``folder`` exclusively; returns the run id.
+
+    The complete file is written under a temporary name and hard-linked to
+    :data:`RUN_MARKER`, which fails when a marker exists: raises
+    :class:`RunFolderInUse` naming the run that claimed the folder first.
+    """
+    run_id, text = _marker_text(folder)
+    temporary = Path(folder) / f".{RUN_MARKER}.{run_id}.tmp"
+    temporary.write_text(text, encoding="utf-8")
+    try:
+        os.link(temporary, Path(folder) / RUN_MARKER)
+    except FileExistsError:
+        raise RunFolderInUse(f"run.output_dir {str(folder)!r} was claimed by another hf-chts run "
+                             f"({_describe_run(folder)}) while this one was starting; choose another "
+                             "run.output_dir") from None
+    finally:
+        temporary.unlink()
+    return run_id
+
+
+class RunFolderInUse(FileExistsError):
+    """Another hf-chts run holds (or claimed first) the run folder."""
+
+
+def _describe_run(folder: str | os.PathLike) -> str:
+    marker = read_run_marker(folder)
+    if marker is None:
+        return "no readable run marker yet"
+    return ", ".join(f"{key} {marker[key]}" for key in ("run_id", "pid", "created") if key in marker)
+
+
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def hold_run_folder(folder: str | os.PathLike) -> None:
+    """Take the run folder's exclusive lock for this process (kept until :func:`release_run_folder` or exit).
+
+    Re-entrant within one process. Raises :class:`RunFolderInUse` (one line naming
+    the holder's run id and pid from the marker) when another process holds it.
+    """
+    key = str(Path(folder).resolve())
+    if key in _HELD_LOCKS:
+        return
+    descriptor = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise RunFolderInUse(f"run.output_dir {str(folder)!r} is in use by another hf-chts run "
+                             f"({_describe_run(folder)}); wait for it to end or choose another run.output_dir") from None
+    _HELD_LOCKS[key] = descriptor
+
+
+def release_run_folder(folder: str | os.PathLike) -> None:
+    """Release the lock :func:`hold_run_folder` took (no-op when this process does not hold it)."""
+    descriptor = _HELD_LOCKS.pop(str(Path(folder).resolve()), None)
+    if descriptor is not None:
+        os.close(descriptor)  # closing the only descriptor of the lock releases it
+
+
+def check_run_folder_free(folder: str | os.PathLike) -> None:
+    """Raise :class:`RunFolderInUse` when another process holds ``folder``'s run lock (nothing is taken)."""
+    if not Path(folder).is_dir() or str(Path(folder).resolve()) in _HELD_LOCKS:
+        return
+    hold_run_folder(folder)
+    release_run_folder(folder)
 
 
 def _protected_places(recipe_source: str | None) -> list[tuple[str, Path]]:

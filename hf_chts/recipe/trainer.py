@@ -7,6 +7,7 @@ import os
 from ..config import SparsifyConfig
 from .data import LMData, collate_blocks
 from .schema import Recipe
+from .validation import recipe_strategy_defaults
 
 
 def _world_size() -> int:
@@ -28,11 +29,9 @@ def training_arguments(recipe: Recipe, *, world_size: int | None = None):
     cuda = torch.cuda.is_available()
     values.setdefault("use_cpu", not cuda)
     values.setdefault("report_to", "none")
-    values.setdefault("save_strategy", "steps" if "save_steps" in values else "no")
+    values.update(recipe_strategy_defaults(recipe))
     if values.get("bf16") == "auto":
         values["bf16"] = bool(cuda and torch.cuda.is_bf16_supported())
-    if recipe.eval.perplexity and "eval_steps" in values:
-        values.setdefault("eval_strategy", "steps")
     values.setdefault("per_device_eval_batch_size", values.get("per_device_train_batch_size", 8))
     if recipe.run.global_batch_size is not None:
         per_device = values.get("per_device_train_batch_size", 8)

@@ -8,6 +8,7 @@ head counts, positive step counts, ``TrainingArguments``' own checks).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from ..suggest import did_you_mean
@@ -119,13 +120,39 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
                          f"of model.num_key_value_heads ({settings['num_key_value_heads']})")
     if not 0 <= recipe.run.seed < 2**32:  # transformers.set_seed seeds numpy, which takes 32-bit seeds only
         raise ValueError(f"{where}: run.seed = {recipe.run.seed}; expected an integer in [0, 2**32)")
+    threads = recipe.run.torch_threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"{where}: run.torch_threads = {threads!r}; expected a positive integer (threads per process) "
+                         "or null for torch's default")
+    for key in ("max_train_samples", "max_validation_samples"):
+        value = getattr(data, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: data.{key} = {value!r}; expected a positive number of blocks, or null for "
+                             "all of them")
     sparsify_config(recipe, where=where)  # SparsifyConfig validation (ValueError naming the field)
-    _check_training(recipe.training, where)
+    _check_training(recipe.training, where, defaults=recipe_strategy_defaults(recipe))
     gbs = recipe.run.global_batch_size
     if gbs is not None and "gradient_accumulation_steps" in recipe.training:
         raise ValueError(f"{where}: set either run.global_batch_size or training.gradient_accumulation_steps, not both "
                          "(the accumulation is computed from the global batch)")
 
+
+def check_schedule(recipe: Recipe) -> None:
+    """The sparse schedule of the run must hold its topology updates: the engine's own check, run before any data
+    is loaded or the output folder is claimed (``ValueError`` naming the fields). Not part of
+    :func:`recipe_from_dict`, so a recipe that is only inspected or checked may be shorter than a run needs."""
+    from ..schedules import SparseSchedule
+
+    config, max_steps = sparsify_config(recipe), recipe.training.get("max_steps")
+    try:
+        SparseSchedule.from_config(config, max_steps)
+    except ValueError as error:
+        raise ValueError(f"{recipe.source or 'recipe'}: sparsify.update_interval = {config.update_interval} with "
+                         f"training.max_steps = {max_steps}: {error}") from error
+
+
+_TRAINING_FINITE = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                    "warmup_ratio", "label_smoothing_factor")
 
 _TRAINING_POSITIVE = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                       "gradient_accumulation_steps")
@@ -133,8 +160,20 @@ _TRAINING_NON_NEGATIVE = ("eval_steps", "save_steps", "logging_steps", "warmup_s
                           "dataloader_num_workers")
 
 
-def _check_training(training: dict, where: str) -> None:
-    """The training section's values (already typed): positive step counts, then ``TrainingArguments`` itself.
+def recipe_strategy_defaults(recipe: Recipe) -> dict:
+    """The save / evaluation strategies a recipe implies when its training section leaves them unset
+    (what :func:`~hf_chts.recipe.trainer.training_arguments` sets): steps when ``save_steps`` /
+    ``eval_steps`` are given (evaluation only with ``eval.perplexity``), else no saving."""
+    training = recipe.training
+    defaults = {"save_strategy": "steps" if "save_steps" in training else "no"}
+    if recipe.eval.perplexity and "eval_steps" in training:
+        defaults["eval_strategy"] = "steps"
+    return {key: value for key, value in defaults.items() if key not in training}
+
+
+def _check_training(training: dict, where: str, defaults: dict | None = None) -> None:
+    """The training section's values (already typed): positive step counts, then ``TrainingArguments`` itself
+    (with the recipe's ``defaults`` for unset fields, as the run will build it).
 
     Every problem is a ``ValueError`` naming ``training.<key>``.
     """
@@ -148,7 +187,11 @@ def _check_training(training: dict, where: str) -> None:
     for key in _TRAINING_NON_NEGATIVE:
         if training.get(key) is not None and training[key] < 0:
             raise ValueError(f"{where}: training.{key} = {training[key]!r}; expected a number >= 0")
-    _construct_training_arguments(training, where)
+    for key in _TRAINING_FINITE:  # TrainingArguments accepts nan / inf; the optimizer fails only at the first step
+        value = training.get(key)
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{where}: training.{key} = {value!r}; expected a finite number >= 0")
+    _construct_training_arguments({**(defaults or {}), **training}, where)
 
 
 def _construct_training_arguments(training: dict, where: str) -> None:
