@@ -67,6 +67,11 @@ def identify(folder, references: dict) -> str:
         loaded = load_sparse(folder)
     except (ValueError, FileNotFoundError):
         return "refused"
+    return identify_model(loaded, references, folder)
+
+
+def identify_model(loaded, references: dict, folder) -> str:
+    """Which reference ``loaded`` equals exactly (masks and every tensor); fails on anything else."""
     assert find_state(loaded) is not None, f"{folder} loaded as a dense model"
     state = loaded.state_dict()
     for label, reference in references.items():
@@ -333,3 +338,92 @@ def test_an_edited_model_card_is_reported_not_refused(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="hf_chts.checkpoint"):
         assert identify(tmp_path, {"saved": model}) == "saved"
     assert any("README.md" in r.getMessage() and "does not affect loading" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------ loads that overlap a save
+def _pruned_copy(seed):
+    """``build(seed)`` with half of each layer's live links cut and the rest doubled: its masks are a subset of
+    ``build(seed)``'s (as after a density decay), so the masked-weights-are-zero check cannot tell the two apart."""
+    model = build(seed)
+    with torch.no_grad():
+        for layer in sparse_layers(model).values():
+            live = layer.mask.nonzero()
+            layer.mask[tuple(live[::2].t())] = False
+            layer.weight.mul_(2)
+            layer.apply_mask_()
+    return model
+
+
+def _swap_folders(first: Path, second: Path) -> None:
+    """What a save does to a loader: the folder's whole content is replaced between two of its reads."""
+    parked = first.with_name(first.name + ".parked")
+    os.rename(first, parked)
+    os.rename(second, first)
+    os.rename(parked, second)
+
+
+def test_a_load_that_overlaps_a_save_reads_one_save(tmp_path, monkeypatch):
+    """A save swaps the folder after the loader verified it and read the masks, before the weights: the load
+    must not return old masks with new weights (mutant: no re-check of the save id after the read -> mixed)."""
+    from hf_chts.checkpointing import loading
+
+    references = {"old": build(0), "new": _pruned_copy(0)}
+    save_sparse(references["old"], tmp_path / "ckpt")
+    save_sparse(references["new"], tmp_path / "incoming")
+    real_read_masks, swaps = loading.read_masks, []
+
+    def read_masks_then_a_save_lands(folder):
+        masks = real_read_masks(folder)
+        if not swaps:
+            _swap_folders(tmp_path / "ckpt", tmp_path / "incoming")
+            swaps.append(folder)
+        return masks
+
+    monkeypatch.setattr(loading, "read_masks", read_masks_then_a_save_lands)
+    assert identify(tmp_path / "ckpt", references) == "new" and swaps
+
+
+def test_a_load_that_loses_every_race_fails_with_one_line(tmp_path, monkeypatch):
+    from hf_chts.checkpointing import loading
+
+    save_sparse(build(0), tmp_path / "ckpt")
+    save_sparse(_pruned_copy(0), tmp_path / "incoming")
+    real_read_masks = loading.read_masks
+
+    def read_masks_then_a_save_lands(folder):
+        masks = real_read_masks(folder)
+        _swap_folders(tmp_path / "ckpt", tmp_path / "incoming")
+        return masks
+
+    monkeypatch.setattr(loading, "read_masks", read_masks_then_a_save_lands)
+    with pytest.raises(ValueError, match=r"a save replaced this checkpoint during each of \d+ attempts") as caught:
+        load_sparse(tmp_path / "ckpt")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_loads_during_a_loop_of_saves_are_never_mixed(tmp_path):
+    """One process saves two checkpoints in turn into one folder as fast as it can; this one loads it meanwhile.
+    Every load is one of the two saves (identify fails on a mixed model), and the only refusal is the one-line
+    "a save replaced this checkpoint during each attempt" (never a false "mixes files" or masked-weights one)."""
+    references = {"a": build(0, hidden=128, layers=4), "b": build(1, hidden=128, layers=4)}
+    folder = tmp_path / "ckpt"
+    save_sparse(references["a"], folder)
+    child = run_child(folder, [0, 1], hidden=128, layers=4, repeats=400)
+    assert child.stdout.readline().strip() == "ready"
+    outcomes, reasons = [], set()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and child.poll() is None:
+            try:
+                outcomes.append(identify_model(load_sparse(folder), references, folder))
+            except ValueError as error:
+                outcomes.append("race")
+                reasons.add(str(error).split(": ", 1)[1])
+    finally:
+        child.kill()
+        child.communicate(timeout=60)
+    print(f"{len(outcomes)} loads: {outcomes.count('a')} a, {outcomes.count('b')} b, "
+          f"{outcomes.count('race')} refused as a lost race")
+    assert all(reason.startswith("a save replaced this checkpoint during each of") for reason in reasons), reasons
+    assert len(outcomes) >= 20 and {"a", "b"} & set(outcomes), outcomes

@@ -263,6 +263,7 @@ def staged_commit(target: str | os.PathLike, owned_by_old_save: Callable[[Path],
         raise ValueError(f"cannot save a checkpoint as {target}: choose a named folder")
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} is a file; a checkpoint is a folder")
+    refuse_working_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with save_lock(target):
         recover_interrupted_save(target)
@@ -297,6 +298,20 @@ def staged_commit(target: str | os.PathLike, owned_by_old_save: Callable[[Path],
         journal_path(target).unlink()
         fsync_path(target.parent)
         fault_point("cleaned")
+
+
+def refuse_working_directory(target: Path) -> None:
+    """``ValueError`` when ``target`` is the current working directory or one of its ancestors: the commit swaps
+    the folder and deletes the old one, which would leave the process in a deleted folder."""
+    try:
+        cwd = Path.cwd().resolve()
+    except FileNotFoundError:
+        return
+    resolved = target.resolve()
+    if cwd == resolved or resolved in cwd.parents:
+        where = "the current directory" if cwd == resolved else f"an ancestor of the current directory {cwd}"
+        raise ValueError(f"cannot save a checkpoint into {target}: it is {where}, and a save replaces the whole "
+                         "folder; save into a subfolder (e.g. 'checkpoint') or change directory first")
 
 
 def _swap(staging: Path, target: Path, retired: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
 import types
 import uuid
 from pathlib import Path
@@ -36,9 +37,9 @@ from .commit import fault_point, staged_commit
 from .compact import compact_split
 from .format import (
     CONFIG_FILE, FORMAT_VERSION, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, dump_record_json, encode_engine_state,
-    is_weight_file, mask_entries, weight_key,
+    is_weight_file, mask_entries, read_sparsify_config, weight_key,
 )
-from .manifest import build_manifest, owned_by_old_save, owned_sparsity_files, stored_save_id
+from .manifest import build_manifest, file_digest, owned_by_old_save, owned_sparsity_files, stored_save_id
 
 PUSH_MESSAGE = "Upload sparse checkpoint (hf_chts)"
 
@@ -73,6 +74,75 @@ def _require_pretrained(model: nn.Module) -> nn.Module:
             f"save_sparse needs a transformers PreTrainedModel (with save_pretrained); got {type(model).__name__}"
         )
     return model
+
+
+#: the attribute ``hf_chts.inference.convert.finish_inference_model`` sets on an inference-only model
+INFERENCE_INFO_ATTR = "hf_chts_inference"
+
+
+def refuse_inference_model(model: nn.Module) -> None:
+    """``ValueError`` for a model converted by ``to_sparse_inference`` (or loaded with ``inference=True``): its
+    sparsified layers hold CSR arrays and no mask, so a save would write a checkpoint that does not load."""
+    state = find_state(model)
+    converted = INFERENCE_INFO_ATTR in model.__dict__ or (
+        state is not None and not state.config.is_dense and not sparse_layers(model))
+    if converted:
+        raise ValueError(
+            "this model was converted by to_sparse_inference() (or loaded with inference=True): it keeps no masks and "
+            "no dense weights, so no checkpoint is written from it; save the sparse model before converting "
+            "(hf_chts.save_sparse, compact=True keeps only live weights), or load the checkpoint again with "
+            "hf_chts.load_sparse(path)"
+        )
+
+
+def _old_record(target: Path) -> dict:
+    try:
+        return (read_sparsify_config(target) if target.is_dir() else None) or {}
+    except ValueError:
+        return {}
+
+
+def old_manifest_entry(target: Path, name: str) -> dict | None:
+    """The manifest entry of ``name`` in the checkpoint now in ``target`` (``None``: none, or no readable record)."""
+    manifest = _old_record(target).get("manifest")
+    entry = manifest.get(name) if isinstance(manifest, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
+#: ``sparsify_config.json`` field ``model_card``: ``"kept"`` when the save kept the user's edited card
+CARD_KEPT = "kept"
+
+
+def kept_edited_card(target: Path) -> bool:
+    """True (with a warning naming it) when ``target/README.md`` is the card a save wrote, edited since, or
+    such an edited card an earlier save kept: a save keeps the edit instead of overwriting it
+    (``overwrite_card=True`` replaces it). The caller marks its record with ``model_card: "kept"``."""
+    record, card = _old_record(target), target / CARD_FILE
+    manifest = record.get("manifest") if isinstance(record.get("manifest"), dict) else {}
+    entry = manifest.get(CARD_FILE)
+    if not isinstance(entry, dict) or not card.is_file() or card.is_symlink():
+        return False
+    try:
+        edited = file_digest(card)["sha256"] != entry.get("sha256") or record.get("model_card") == CARD_KEPT
+    except ValueError:
+        return False
+    if edited:
+        logger.warning("hf_chts: %s was edited after the save that wrote it; kept your edit and wrote no new model "
+                       "card (save_sparse(..., overwrite_card=True) replaces it)", card)
+    return edited
+
+
+def warn_kept_weight_like_files(target: Path) -> None:
+    """Warn about files in ``target`` named like weights that no save wrote (e.g. ``model.fp16.safetensors``):
+    a save keeps them, and neither hf_chts nor transformers loads them."""
+    if not target.is_dir():
+        return
+    kept = sorted(entry.name for entry in target.iterdir() if entry.name.startswith(("model", "pytorch_model"))
+                  and entry.name.endswith((".safetensors", ".bin")) and not is_weight_file(entry.name)
+                  and old_manifest_entry(target, entry.name) is None)
+    if kept:
+        logger.warning("hf_chts: kept %s in %s: not written by hf_chts and not part of the checkpoint (not loaded)",
+                       ", ".join(kept), target)
 
 
 def _original_save_pretrained(model: nn.Module):
@@ -182,6 +252,7 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
             "this model is not sparsified (no hf_chts state): call hf_chts.sparsify(model, config) first, "
             "or use model.save_pretrained() for a dense model"
         )
+    refuse_inference_model(model)
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} is a file; save_sparse needs a folder")
@@ -192,6 +263,7 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
     original_save = _original_save_pretrained(model)
     save_id = uuid.uuid4().hex
     with staged_commit(target, owned_by_old_save) as staging:
+        warn_kept_weight_like_files(Path(os.path.abspath(target)))
         if compact:
             dense_part, values, metadata = compact_split(model, state_dict, save_id)
             original_save(staging, state_dict=dense_part, is_main_process=True, push_to_hub=False, **save_kwargs)
@@ -205,9 +277,17 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
         save_file(tensors, str(staging / SPARSITY_FILE), metadata=metadata)
         fault_point("sparsity-written")
         record = _config_record(model, compact=compact, engine_record=engine_record, save_id=save_id, manifest={})
-        # the model card (docs/hub.md#2-the-model-card); a README.md in target hf_chts did not write is kept
-        write_model_card(staging, record=record, model=model, existing_card=target / CARD_FILE,
-                         **{"repo_id": target.resolve().name, **(card_kwargs or {})})
+        # the model card (docs/hub.md#2-the-model-card); a README.md in target hf_chts did not write is kept,
+        # and so is a card hf_chts wrote that was edited since (both join this save)
+        card_kwargs = {"repo_id": target.resolve().name, **(card_kwargs or {})}
+        if card_kwargs.get("overwrite_card") or not kept_edited_card(target):
+            written = write_model_card(staging, record=record, model=model, existing_card=target / CARD_FILE,
+                                       **card_kwargs)
+            if written is None and old_manifest_entry(target, CARD_FILE) is not None:
+                shutil.copy2(target / CARD_FILE, staging / CARD_FILE)  # the user's card, listed by the old save
+        else:
+            shutil.copy2(target / CARD_FILE, staging / CARD_FILE)
+            record["model_card"] = CARD_KEPT
         record["manifest"] = build_manifest(staging)  # every file written into the staging folder so far
         (staging / CONFIG_FILE).write_text(dump_record_json(record), encoding="utf-8")
         fault_point("config-written")
@@ -260,6 +340,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
     Returns:
         The folder path on the main process, ``None`` on other ranks (which write nothing).
     """
+    refuse_inference_model(unwrap_model(model))  # before any rank gathers or writes anything
     _reapply_masks(model)  # on every calling rank, so ranks keep identical weights
     state_dict = _gather_full_state_dict(model)  # collective under FSDP2: every rank calls save_sparse
     if not is_main_process():
@@ -289,6 +370,7 @@ def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | No
     model = unwrap_model(model)
     if find_state(model) is None:
         raise ValueError("this model is not sparsified (no hf_chts state): nothing to write")
+    refuse_inference_model(model)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; save the model there first (save_sparse)")
@@ -300,8 +382,11 @@ def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | No
         save_file(tensors, str(staging / SPARSITY_FILE), metadata=metadata)
         fault_point("sparsity-written")
         record = _config_record(model, compact=compact, engine_record=_MISSING, save_id=save_id, manifest={})
-        card = write_model_card(staging, record=record, model=model,  # docs/hub.md#2-the-model-card
-                                existing_card=folder / CARD_FILE, repo_id=folder.resolve().name)
+        if kept_edited_card(folder):  # already hard-linked into the staging folder (link_first)
+            card, record["model_card"] = staging / CARD_FILE, CARD_KEPT
+        else:  # docs/hub.md#2-the-model-card
+            card = write_model_card(staging, record=record, model=model, existing_card=folder / CARD_FILE,
+                                    repo_id=folder.resolve().name)
         names = sorted(p.name for p in staging.iterdir() if p.is_file() and (
             is_weight_file(p.name) or p.name in (SPARSITY_FILE, SPARSE_WEIGHTS_FILE, "config.json",
                                                  "generation_config.json") or (card and p.name == CARD_FILE)))
