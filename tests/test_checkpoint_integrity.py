@@ -83,7 +83,8 @@ def identify_model(loaded, references: dict, folder) -> str:
 
 
 def hf_chts_leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".hf_chts" in p.name and p.name != commit.LOCK_NAME)
+    locks = (commit.LOCK_NAME, commit.SWAP_LOCK_NAME)
+    return sorted(p.name for p in parent.iterdir() if ".hf_chts" in p.name and p.name not in locks)
 
 
 # ------------------------------------------------------------------ mixed folders
@@ -427,3 +428,95 @@ def test_loads_during_a_loop_of_saves_are_never_mixed(tmp_path):
           f"{outcomes.count('race')} refused as a lost race")
     assert all(reason.startswith("a save replaced this checkpoint during each of") for reason in reasons), reasons
     assert len(outcomes) >= 20 and {"a", "b"} & set(outcomes), outcomes
+
+
+def test_a_save_waits_for_a_load_under_way(tmp_path):
+    """The swap of a save waits while a reader holds the shared swap lock (mutant: no swap_lock around the swap ->
+    the folder changes under the reader)."""
+    import threading
+
+    references = {"old": build(0), "new": build(1)}
+    folder = tmp_path / "ckpt"
+    save_sparse(references["old"], folder)
+    saver = threading.Thread(target=save_sparse, args=(references["new"], folder))
+    with commit.readers_lock(folder):
+        saver.start()
+        time.sleep(1.5)  # the new save is written by now, and waits for this reader before swapping
+        assert saver.is_alive() and identify(folder, references) == "old"
+    saver.join(timeout=60)
+    assert identify(folder, references) == "new"
+
+
+# ------------------------------------------------------------ verification cost (issue 19 item 8)
+class HashCounter:
+    def __init__(self, monkeypatch):
+        import hashlib
+
+        from hf_chts.checkpointing import manifest
+
+        self.calls, real = 0, hashlib.sha256
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(manifest, "_SETTLE_NS", 0)  # the files were just written: remember them at once
+        monkeypatch.setattr(hashlib, "sha256", counting)
+
+    def take(self) -> int:
+        calls, self.calls = self.calls, 0
+        return calls
+
+
+def test_each_file_is_hashed_once_per_process(tmp_path, monkeypatch):
+    """Mutant: no digest cache in file_digest -> the second load (and inspect) hash every file again."""
+    model = build(0)
+    folder = tmp_path / "ckpt"
+    save_sparse(model, folder)
+    listed = len(json.loads((folder / CONFIG_FILE).read_text())["manifest"])
+    counter = HashCounter(monkeypatch)
+    assert identify(folder, {"saved": model}) == "saved" and counter.take() == listed
+    assert identify(folder, {"saved": model}) == "saved" and counter.take() == 0
+    inspect_checkpoint(folder)
+    read_engine_state(folder)
+    assert counter.take() == 0
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # an in-place edit of the last byte: same size, new mtime/ctime
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors: SHA-256 differs"):
+        load_sparse(folder)
+    assert counter.take() == 1
+
+
+def test_fast_verification_checks_sizes_headers_and_save_ids_only(tmp_path, monkeypatch):
+    """verify='fast' (or HF_CHTS_VERIFY=fast) hashes no safetensors file, and still refuses a file of another
+    size, a broken header and a masks file of another save (mutant: fast mode hashing too -> hash count > 0)."""
+    model = build(0)
+    folder = tmp_path / "ckpt"
+    save_sparse(model, folder)
+    save_sparse(build(1), tmp_path / "other")
+    safetensors = [n for n in json.loads((folder / CONFIG_FILE).read_text())["manifest"] if n.endswith(".safetensors")]
+    counter = HashCounter(monkeypatch)
+    assert identify_model(load_sparse(folder, verify="fast"), {"saved": model}, folder) == "saved"
+    assert counter.take() == len(json.loads((folder / CONFIG_FILE).read_text())["manifest"]) - len(safetensors)
+    monkeypatch.setenv("HF_CHTS_VERIFY", "fast")
+    inspect_checkpoint(folder)
+    assert counter.take() == 0  # the JSON files were hashed by the first load already
+    shutil.copy(tmp_path / "other" / SPARSITY_FILE, folder / SPARSITY_FILE)
+    with pytest.raises(ValueError, match=rf"{SPARSITY_FILE}: save id"):
+        load_sparse(folder)
+    save_sparse(model, folder)
+    with open(folder / "model.safetensors", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ValueError, match=r"model.safetensors: \d+ bytes, the save wrote"):
+        load_sparse(folder)
+    save_sparse(model, folder)
+    with open(folder / "model.safetensors", "r+b") as handle:  # same size, the header's first byte broken
+        handle.seek(8)
+        handle.write(b"X")
+    with pytest.raises(ValueError, match="model.safetensors: .*not a readable safetensors file"):
+        load_sparse(folder)
+    monkeypatch.setenv("HF_CHTS_VERIFY", "quick")
+    with pytest.raises(ValueError, match="HF_CHTS_VERIFY='quick' is not a verification mode"):
+        load_sparse(folder)

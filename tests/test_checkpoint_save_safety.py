@@ -95,26 +95,30 @@ def test_a_save_keeps_the_users_weight_like_files(make_tiny_model, tmp_path, cap
     assert not (tmp_path / "exported" / "model-backup.safetensors").exists()
 
 
-def test_an_edited_model_card_is_kept_with_a_warning(make_tiny_model, tmp_path, caplog):
-    """Mutant: write_model_card over a card hf_chts wrote, whatever its hash -> the user's edit is lost silently."""
+def test_an_edited_model_card_is_set_aside_with_a_warning(make_tiny_model, tmp_path, caplog):
+    """Mutant: no set-aside copy (write_model_card replaces a card hf_chts wrote whatever its hash) -> the user's
+    edit is lost silently."""
     model = sparse_model(make_tiny_model)
     folder = tmp_path / "ckpt"
     save_sparse(model, folder)
-    edited = (folder / "README.md").read_text(encoding="utf-8") + "\nMy evaluation notes.\n"
-    (folder / "README.md").write_text(edited, encoding="utf-8")
-    for save in (lambda: save_sparse(model, folder), lambda: write_sparsity_files(model, folder)):
+    edits = []
+    for number, save in enumerate((lambda: save_sparse(model, folder), lambda: write_sparsity_files(model, folder)), 1):
+        edits.append((folder / "README.md").read_text(encoding="utf-8") + f"\nMy evaluation notes {number}.\n")
+        (folder / "README.md").write_text(edits[-1], encoding="utf-8")
         caplog.clear()
         with caplog.at_level("WARNING", logger="hf_chts.checkpoint"):
             save()
-        assert (folder / "README.md").read_text(encoding="utf-8") == edited
-        assert any("README.md was edited" in r.getMessage() and "overwrite_card=True" in r.getMessage()
-                   for r in caplog.records)
+        aside = "README.edited.md" if number == 1 else "README.edited-2.md"
+        assert any("README.md was edited" in r.getMessage() and aside in r.getMessage() for r in caplog.records)
+        assert "My evaluation notes" not in (folder / "README.md").read_text(encoding="utf-8")  # a fresh card
+    assert (folder / "README.edited.md").read_text(encoding="utf-8") == edits[0]  # kept by the later save too
+    assert (folder / "README.edited-2.md").read_text(encoding="utf-8") == edits[1]
     caplog.clear()
     with caplog.at_level("WARNING", logger="hf_chts.checkpoint"):
-        load_sparse(folder)  # the kept card is part of the last save: no "changed after save" warning
-    assert not any("README.md" in r.getMessage() for r in caplog.records)
-    save_sparse(model, folder, overwrite_card=True)
-    assert "My evaluation notes." not in (folder / "README.md").read_text(encoding="utf-8")
+        load_sparse(folder)  # the copies are outside the manifest, the new card inside: nothing to report
+    assert not any("README" in r.getMessage() for r in caplog.records)
+    save_sparse(model, folder)
+    assert {"README.edited.md", "README.edited-2.md"} <= {p.name for p in folder.iterdir()}
 
 
 # ----------------------------------------------------------------- item 7: pseudo-files and devices

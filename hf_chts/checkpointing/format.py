@@ -256,7 +256,6 @@ def read_sparsify_config(path: str | os.PathLike) -> dict | None:
 
 
 _RECORD_TYPES = {"hf_chts_version": str, "weights_format": str, "summary": dict, "save_id": str, "manifest": dict,
-                 "model_card": str,
                  "engine": dict}
 _ENGINE_TYPES = {"version": int, "completed_steps": int, "total_steps": int, "generator_state": str, "layers": dict,
                  "history": list, "target_density": (int, float), "schedule": dict}

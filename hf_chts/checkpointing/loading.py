@@ -22,7 +22,7 @@ from ..io_utils import looks_like_local_path, read_bounded_bytes, read_json_obje
 from ..layers import logical_shape_of
 from ..model import modules_named, select_modules, sparsify
 from ..state import find_state
-from .commit import interrupted_save_note, refuse_save_leftover
+from .commit import interrupted_save_note, readers_lock, refuse_save_leftover
 from .compact import fill_compact, read_compact_values
 from .format import (
     CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, config_from_record, decode_engine_record, is_weight_file,
@@ -286,23 +286,25 @@ def read_one_save(folder: Path, read: Callable[[dict | None], _Result], *, verif
     """``read(record)`` on ``folder`` after verifying it, such that everything ``read`` took from the folder
     comes from the one save that ``record`` (its ``sparsify_config.json``) describes.
 
-    A save swaps a whole new folder in and every save has its own save id, so the record's bytes are
-    compared before and after the read (a sequence lock): when a save replaced the folder meanwhile, the
+    hf_chts saves wait for the read before swapping the folder (a shared ``flock`` on the parent's
+    ``.hf_chts-swap.lock``, when it exists). And since a save swaps a whole new folder in and every save has its
+    own save id, the record's bytes are compared before and after the read (a sequence lock): when a save replaced the folder meanwhile, the
     result (or the error, e.g. a manifest mismatch the swap caused) is discarded and the read starts again,
     up to :data:`READ_ATTEMPTS` times; then one ``ValueError`` says why. An error raised while the folder
     stayed the same is the folder's own and is raised at once.
     """
     mode = verify_mode(verify)
     for attempt in range(READ_ATTEMPTS):
-        before = save_fingerprint(folder)
-        try:
-            result = read(verified_record(folder, verify=mode))
-        except Exception:
-            if save_fingerprint(folder) == before:
-                raise
-        else:
-            if save_fingerprint(folder) == before:
-                return result
+        with readers_lock(folder):  # hf_chts saves into the parent wait for this read before swapping
+            before = save_fingerprint(folder)
+            try:
+                result = read(verified_record(folder, verify=mode))
+            except Exception:
+                if save_fingerprint(folder) == before:
+                    raise
+            else:
+                if save_fingerprint(folder) == before:
+                    return result
         logger.info("hf_chts: %s was replaced by a save while it was read (attempt %d of %d); reading it again",
                     folder, attempt + 1, READ_ATTEMPTS)
         time.sleep(0.05 * (attempt + 1))

@@ -109,27 +109,31 @@ def old_manifest_entry(target: Path, name: str) -> dict | None:
     return entry if isinstance(entry, dict) else None
 
 
-#: ``sparsify_config.json`` field ``model_card``: ``"kept"`` when the save kept the user's edited card
-CARD_KEPT = "kept"
-
-
-def kept_edited_card(target: Path) -> bool:
-    """True (with a warning naming it) when ``target/README.md`` is the card a save wrote, edited since, or
-    such an edited card an earlier save kept: a save keeps the edit instead of overwriting it
-    (``overwrite_card=True`` replaces it). The caller marks its record with ``model_card: "kept"``."""
-    record, card = _old_record(target), target / CARD_FILE
-    manifest = record.get("manifest") if isinstance(record.get("manifest"), dict) else {}
-    entry = manifest.get(CARD_FILE)
-    if not isinstance(entry, dict) or not card.is_file() or card.is_symlink():
-        return False
+def edited_card(target: Path) -> Path | None:
+    """``target/README.md`` when it is listed in the manifest of the save now in ``target`` but its bytes changed
+    since (the user edited the card that save wrote), else ``None``."""
+    entry, card = old_manifest_entry(target, CARD_FILE), target / CARD_FILE
+    if entry is None or not card.is_file() or card.is_symlink():
+        return None
     try:
-        edited = file_digest(card)["sha256"] != entry.get("sha256") or record.get("model_card") == CARD_KEPT
+        return card if file_digest(card)["sha256"] != entry.get("sha256") else None
     except ValueError:
-        return False
-    if edited:
-        logger.warning("hf_chts: %s was edited after the save that wrote it; kept your edit and wrote no new model "
-                       "card (save_sparse(..., overwrite_card=True) replaces it)", card)
-    return edited
+        return None
+
+
+def set_aside_edited_card(card: Path | None, staging: Path) -> None:
+    """Copy an edited card (:func:`edited_card`) into ``staging`` as ``README.edited.md`` (or ``-2``, ...), outside
+    the manifest so later saves keep it too, with a warning naming it: the new save's card replaces ``README.md``."""
+    if card is None or not (staging / CARD_FILE).exists():
+        return
+    aside = staging / "README.edited.md"
+    number = 1
+    while os.path.lexists(aside) or os.path.lexists(card.parent / aside.name):
+        number += 1
+        aside = staging / f"README.edited-{number}.md"
+    shutil.copy2(card, aside)
+    logger.warning("hf_chts: %s was edited after the save that wrote it; the new model card replaces it and your "
+                   "edited copy is kept as %s", card, card.parent / aside.name)
 
 
 def warn_kept_weight_like_files(target: Path) -> None:
@@ -279,17 +283,14 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
         record = _config_record(model, compact=compact, engine_record=engine_record, save_id=save_id, manifest={})
         # the model card (docs/hub.md#2-the-model-card); a README.md in target hf_chts did not write is kept,
         # and so is a card hf_chts wrote that was edited since (both join this save)
-        card_kwargs = {"repo_id": target.resolve().name, **(card_kwargs or {})}
-        if card_kwargs.get("overwrite_card") or not kept_edited_card(target):
-            written = write_model_card(staging, record=record, model=model, existing_card=target / CARD_FILE,
-                                       **card_kwargs)
-            if written is None and old_manifest_entry(target, CARD_FILE) is not None:
-                shutil.copy2(target / CARD_FILE, staging / CARD_FILE)  # the user's card, listed by the old save
-        else:
-            shutil.copy2(target / CARD_FILE, staging / CARD_FILE)
-            record["model_card"] = CARD_KEPT
+        edited = edited_card(target)
+        written = write_model_card(staging, record=record, model=model, existing_card=target / CARD_FILE,
+                                   **{"repo_id": target.resolve().name, **(card_kwargs or {})})
+        if written is None and old_manifest_entry(target, CARD_FILE) is not None:
+            shutil.copy2(target / CARD_FILE, staging / CARD_FILE)  # the user's card, listed by the old save
         record["manifest"] = build_manifest(staging)  # every file written into the staging folder so far
         (staging / CONFIG_FILE).write_text(dump_record_json(record), encoding="utf-8")
+        set_aside_edited_card(edited if written is not None else None, staging)  # outside the manifest
         fault_point("config-written")
     return target
 
@@ -382,11 +383,10 @@ def write_sparsity_files(model: nn.Module, path: str | os.PathLike) -> Path | No
         save_file(tensors, str(staging / SPARSITY_FILE), metadata=metadata)
         fault_point("sparsity-written")
         record = _config_record(model, compact=compact, engine_record=_MISSING, save_id=save_id, manifest={})
-        if kept_edited_card(folder):  # already hard-linked into the staging folder (link_first)
-            card, record["model_card"] = staging / CARD_FILE, CARD_KEPT
-        else:  # docs/hub.md#2-the-model-card
-            card = write_model_card(staging, record=record, model=model, existing_card=folder / CARD_FILE,
-                                    repo_id=folder.resolve().name)
+        edited = edited_card(folder)
+        card = write_model_card(staging, record=record, model=model,  # docs/hub.md#2-the-model-card
+                                existing_card=folder / CARD_FILE, repo_id=folder.resolve().name)
+        set_aside_edited_card(edited if card is not None else None, staging)
         names = sorted(p.name for p in staging.iterdir() if p.is_file() and (
             is_weight_file(p.name) or p.name in (SPARSITY_FILE, SPARSE_WEIGHTS_FILE, "config.json",
                                                  "generation_config.json") or (card and p.name == CARD_FILE)))
