@@ -405,8 +405,9 @@ def test_a_load_that_loses_every_race_fails_with_one_line(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_loads_during_a_loop_of_saves_are_never_mixed(tmp_path):
     """One process saves two checkpoints in turn into one folder as fast as it can; this one loads it meanwhile.
-    Every load is one of the two saves (identify fails on a mixed model), and the only refusal is the one-line
-    "a save replaced this checkpoint during each attempt" (never a false "mixes files" or masked-weights one)."""
+    Every load is one of the two saves (identify fails on a mixed model) and none is refused: the saves wait for
+    each load before swapping (before that lock: 33 of 49 loads refused as lost races; before this round: mixed
+    models and false "mixes files" refusals)."""
     references = {"a": build(0, hidden=128, layers=4), "b": build(1, hidden=128, layers=4)}
     folder = tmp_path / "ckpt"
     save_sparse(references["a"], folder)
@@ -414,7 +415,7 @@ def test_loads_during_a_loop_of_saves_are_never_mixed(tmp_path):
     assert child.stdout.readline().strip() == "ready"
     outcomes, reasons = [], set()
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and child.poll() is None:
             try:
                 outcomes.append(identify_model(load_sparse(folder), references, folder))
@@ -426,8 +427,8 @@ def test_loads_during_a_loop_of_saves_are_never_mixed(tmp_path):
         child.communicate(timeout=60)
     print(f"{len(outcomes)} loads: {outcomes.count('a')} a, {outcomes.count('b')} b, "
           f"{outcomes.count('race')} refused as a lost race")
-    assert all(reason.startswith("a save replaced this checkpoint during each of") for reason in reasons), reasons
-    assert len(outcomes) >= 20 and {"a", "b"} & set(outcomes), outcomes
+    assert not reasons, reasons
+    assert len(outcomes) >= 20 and {"a", "b"} <= set(outcomes), outcomes
 
 
 def test_a_save_waits_for_a_load_under_way(tmp_path):

@@ -49,6 +49,11 @@ def verify_mode(mode: str | None) -> str:
     return chosen
 
 
+def clear_digest_cache() -> None:
+    """Forget the digests this process remembered (:func:`file_digest`); the next verification hashes again."""
+    _DIGESTS.clear()
+
+
 def file_digest(path: Path) -> dict:
     """``{"size", "sha256"}`` of a regular file, reading at most its ``fstat`` size (+1 to notice growth).
 
