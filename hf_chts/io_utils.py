@@ -89,6 +89,15 @@ def require_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     return file
 
 
+def is_regular(path: str | os.PathLike) -> bool:
+    """True when :func:`require_regular_file` accepts ``path`` (a regular file, not under /proc or /sys)."""
+    try:
+        require_regular_file(path)
+    except ValueError:
+        return False
+    return True
+
+
 def read_bounded_bytes(path: str | os.PathLike, *, max_bytes: int, what: str = "file") -> bytes:
     """The bytes of a regular file (:func:`require_regular_file`) of at most ``max_bytes``.
 

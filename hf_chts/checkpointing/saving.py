@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..hub import push_folder
+from ..io_utils import is_regular
 from ..layers import is_dtensor, sparse_layers, zero_masked_
 from ..model_card import CARD_FILE, write_model_card
 from ..state import find_state, unwrap_model
@@ -37,9 +38,10 @@ from .commit import fault_point, staged_commit
 from .compact import compact_split
 from .format import (
     CONFIG_FILE, FORMAT_VERSION, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, dump_record_json, encode_engine_state,
-    is_weight_file, mask_entries, read_sparsify_config, weight_key,
+    is_weight_file, mask_entries, weight_key,
 )
-from .manifest import build_manifest, file_digest, owned_by_old_save, owned_sparsity_files, stored_save_id
+from .keeping import edited_card, old_manifest_entry, set_aside_edited_card, warn_kept_weight_like_files
+from .manifest import build_manifest, owned_by_old_save, owned_sparsity_files, stored_save_id
 
 PUSH_MESSAGE = "Upload sparse checkpoint (hf_chts)"
 
@@ -93,60 +95,6 @@ def refuse_inference_model(model: nn.Module) -> None:
             "(hf_chts.save_sparse, compact=True keeps only live weights), or load the checkpoint again with "
             "hf_chts.load_sparse(path)"
         )
-
-
-def _old_record(target: Path) -> dict:
-    try:
-        return (read_sparsify_config(target) if target.is_dir() else None) or {}
-    except ValueError:
-        return {}
-
-
-def old_manifest_entry(target: Path, name: str) -> dict | None:
-    """The manifest entry of ``name`` in the checkpoint now in ``target`` (``None``: none, or no readable record)."""
-    manifest = _old_record(target).get("manifest")
-    entry = manifest.get(name) if isinstance(manifest, dict) else None
-    return entry if isinstance(entry, dict) else None
-
-
-def edited_card(target: Path) -> Path | None:
-    """``target/README.md`` when it is listed in the manifest of the save now in ``target`` but its bytes changed
-    since (the user edited the card that save wrote), else ``None``."""
-    entry, card = old_manifest_entry(target, CARD_FILE), target / CARD_FILE
-    if entry is None or not card.is_file() or card.is_symlink():
-        return None
-    try:
-        return card if file_digest(card)["sha256"] != entry.get("sha256") else None
-    except ValueError:
-        return None
-
-
-def set_aside_edited_card(card: Path | None, staging: Path) -> None:
-    """Copy an edited card (:func:`edited_card`) into ``staging`` as ``README.edited.md`` (or ``-2``, ...), outside
-    the manifest so later saves keep it too, with a warning naming it: the new save's card replaces ``README.md``."""
-    if card is None or not (staging / CARD_FILE).exists():
-        return
-    aside = staging / "README.edited.md"
-    number = 1
-    while os.path.lexists(aside) or os.path.lexists(card.parent / aside.name):
-        number += 1
-        aside = staging / f"README.edited-{number}.md"
-    shutil.copy2(card, aside)
-    logger.warning("hf_chts: %s was edited after the save that wrote it; the new model card replaces it and your "
-                   "edited copy is kept as %s", card, card.parent / aside.name)
-
-
-def warn_kept_weight_like_files(target: Path) -> None:
-    """Warn about files in ``target`` named like weights that no save wrote (e.g. ``model.fp16.safetensors``):
-    a save keeps them, and neither hf_chts nor transformers loads them."""
-    if not target.is_dir():
-        return
-    kept = sorted(entry.name for entry in target.iterdir() if entry.name.startswith(("model", "pytorch_model"))
-                  and entry.name.endswith((".safetensors", ".bin")) and not is_weight_file(entry.name)
-                  and old_manifest_entry(target, entry.name) is None)
-    if kept:
-        logger.warning("hf_chts: kept %s in %s: not written by hf_chts and not part of the checkpoint (not loaded)",
-                       ", ".join(kept), target)
 
 
 def _original_save_pretrained(model: nn.Module):
@@ -286,7 +234,7 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
         edited = edited_card(target)
         written = write_model_card(staging, record=record, model=model, existing_card=target / CARD_FILE,
                                    **{"repo_id": target.resolve().name, **(card_kwargs or {})})
-        if written is None and old_manifest_entry(target, CARD_FILE) is not None:
+        if written is None and old_manifest_entry(target, CARD_FILE) is not None and is_regular(target / CARD_FILE):
             shutil.copy2(target / CARD_FILE, staging / CARD_FILE)  # the user's card, listed by the old save
         record["manifest"] = build_manifest(staging)  # every file written into the staging folder so far
         (staging / CONFIG_FILE).write_text(dump_record_json(record), encoding="utf-8")
