@@ -84,8 +84,8 @@ def require_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
                          "file written by the save")
     real = os.path.realpath(file)
     if any(real == root or real.startswith(root + os.sep) for root in PSEUDO_FILESYSTEMS):
-        raise ValueError(f"{file}: the {what} is {real}, a file of the kernel's {real.split(os.sep)[1]} filesystem, not "
-                         "a file a save wrote; replace it with the file written by the save")
+        raise ValueError(f"{file}: the {what} is {real}, a file of the kernel's {real.split(os.sep)[1]} filesystem, "
+                         "not a file a save wrote; replace it with the file written by the save")
     return file
 
 

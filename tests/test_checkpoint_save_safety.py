@@ -37,7 +37,7 @@ def test_saving_an_inference_model_is_refused_and_keeps_the_checkpoint(make_tiny
     for save in (lambda: save_sparse(converted, tmp_path / "ckpt"),
                  lambda: save_sparse(converted, tmp_path / "ckpt", compact=True),
                  lambda: write_sparsity_files(converted, tmp_path / "ckpt")):
-        with pytest.raises(ValueError, match=r"converted by to_sparse_inference\(\).*no checkpoint is written") as error:
+        with pytest.raises(ValueError, match=r"converted by to_sparse_inference\(\).*no checkpoint") as error:
             save()
         assert "\n" not in str(error.value)
     after = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir() if p.is_file()}

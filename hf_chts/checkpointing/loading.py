@@ -287,11 +287,12 @@ def read_one_save(folder: Path, read: Callable[[dict | None], _Result], *, verif
     comes from the one save that ``record`` (its ``sparsify_config.json``) describes.
 
     hf_chts saves wait for the read before swapping the folder (a shared ``flock`` on the parent's
-    ``.hf_chts-swap.lock``, when it exists). And since a save swaps a whole new folder in and every save has its
-    own save id, the record's bytes are compared before and after the read (a sequence lock): when a save replaced the folder meanwhile, the
-    result (or the error, e.g. a manifest mismatch the swap caused) is discarded and the read starts again,
-    up to :data:`READ_ATTEMPTS` times; then one ``ValueError`` says why. An error raised while the folder
-    stayed the same is the folder's own and is raised at once.
+    ``.hf_chts-swap.lock``, when it exists). And since a save swaps a whole new folder in and every save
+    has its own save id, the record's bytes are compared before and after the read (a sequence lock):
+    when a save replaced the folder meanwhile, the result (or the error, e.g. a manifest mismatch the swap
+    caused) is discarded and the read starts again, up to :data:`READ_ATTEMPTS` times; then one
+    ``ValueError`` says why. An error raised while the folder stayed the same is the folder's own and is
+    raised at once.
     """
     mode = verify_mode(verify)
     for attempt in range(READ_ATTEMPTS):

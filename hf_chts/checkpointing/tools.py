@@ -13,7 +13,9 @@ from ..architectures import build_topology
 from ..model import modules_named
 from ..topology.percolation import active_neurons
 from .format import CONFIG_FILE, SPARSITY_FILE, config_from_record, module_name_of, read_masks
-from .loading import check_model_files, load_sparse, quiet_transformers, read_one_save, resolve_checkpoint, validate_masks
+from .loading import (
+    check_model_files, load_sparse, quiet_transformers, read_one_save, resolve_checkpoint, validate_masks,
+)
 from .saving import write_checkpoint
 
 logger = logging.getLogger("hf_chts.checkpoint")  # the logger name users configure, whichever module logs
