@@ -54,12 +54,18 @@ def looks_like_local_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
 
 
+#: pseudo-filesystems whose "regular" files report a size of 0 and may block a reader (``/proc/kmsg``)
+PSEUDO_FILESYSTEMS = ("/proc", "/sys")
+
+
 def require_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     """``path`` if it is a regular file (symlinks followed); ``ValueError`` naming it otherwise.
 
     Uses ``os.stat`` + ``stat.S_ISREG`` *before* any ``open``: a FIFO, socket,
     device or folder in place of a checkpoint file is refused instead of
-    blocking the process or failing with a raw ``IsADirectoryError``.
+    blocking the process or failing with a raw ``IsADirectoryError``. A file
+    under ``/proc`` or ``/sys`` (directly or through a symlink) is refused too:
+    those pass as regular files but report size 0 and can block a reader.
     """
     import stat
 
@@ -71,23 +77,53 @@ def require_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     except OSError as error:
         raise ValueError(f"{file}: cannot stat the {what} ({error})") from error
     if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "not a regular file")
         raise ValueError(f"{file}: the {what} is {kind}; a checkpoint holds regular files only — replace it with the "
                          "file written by the save")
+    real = os.path.realpath(file)
+    if any(real == root or real.startswith(root + os.sep) for root in PSEUDO_FILESYSTEMS):
+        raise ValueError(f"{file}: the {what} is {real}, a file of the kernel's {real.split(os.sep)[1]} filesystem, "
+                         "not a file a save wrote; replace it with the file written by the save")
     return file
+
+
+def is_regular(path: str | os.PathLike) -> bool:
+    """True when :func:`require_regular_file` accepts ``path`` (a regular file, not under /proc or /sys)."""
+    try:
+        require_regular_file(path)
+    except ValueError:
+        return False
+    return True
+
+
+def read_bounded_bytes(path: str | os.PathLike, *, max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of a regular file (:func:`require_regular_file`) of at most ``max_bytes``.
+
+    Reads at most the size ``fstat`` reports plus one byte: a file that reports a wrong size returns at
+    once, and one that holds more than it reports is refused as changing while it is read.
+    """
+    file = require_regular_file(path, what)
+    with open(file, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:
+            raise ValueError(f"{file}: the {what} is {size} bytes, more than the {max_bytes} this reader accepts; it "
+                             "is not the file hf_chts wrote")
+        data = handle.read(size + 1)
+    if len(data) > size:
+        raise ValueError(f"{file}: the {what} holds more than the {size} bytes its size says; it changed while it "
+                         "was read or is not a regular file — read it again when it is complete")
+    return data
 
 
 def read_json_object(path: str | os.PathLike, *, max_bytes: int = 64 * 2**20, what: str = "JSON file") -> dict:
     """A JSON object read from a regular file of at most ``max_bytes``; ``ValueError`` naming the file otherwise
     (not a regular file, too large, not UTF-8, invalid or too deeply nested JSON, not an object)."""
-    file = require_regular_file(path, what)
-    size = os.stat(file).st_size
-    if size > max_bytes:
-        raise ValueError(f"{file}: the {what} is {size} bytes, more than the {max_bytes} this reader accepts; it is "
-                         "not the file hf_chts wrote")
+    file = Path(path)
+    data = read_bounded_bytes(file, max_bytes=max_bytes, what=what)
     try:
-        with open(file, "rb") as handle:
-            value = json.loads(handle.read(max_bytes + 1).decode("utf-8"))
+        value = json.loads(data.decode("utf-8"))
     except RecursionError as error:
         raise ValueError(f"{file}: the {what} is nested too deeply to parse; it is corrupted or hostile") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

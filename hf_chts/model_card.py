@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from .checkpointing.format import CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, read_sparsify_config
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, read_bounded_bytes
 from .report import sparsity_report
 from .state import find_state
 from .version import __version__
@@ -44,8 +44,8 @@ def card_owner(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # a regular file only (never /proc or a device), read up to its size + 1 byte
+        text = read_bounded_bytes(path, max_bytes=16 * 2**20, what="model card").decode("utf-8")
         card = ModelCard(text, ignore_metadata_errors=True)
         marker = card.data.to_dict().get(MARKER_KEY)
     except Exception:  # noqa: BLE001 - an unreadable README is the user's: keep it

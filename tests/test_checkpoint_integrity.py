@@ -67,6 +67,11 @@ def identify(folder, references: dict) -> str:
         loaded = load_sparse(folder)
     except (ValueError, FileNotFoundError):
         return "refused"
+    return identify_model(loaded, references, folder)
+
+
+def identify_model(loaded, references: dict, folder) -> str:
+    """Which reference ``loaded`` equals exactly (masks and every tensor); fails on anything else."""
     assert find_state(loaded) is not None, f"{folder} loaded as a dense model"
     state = loaded.state_dict()
     for label, reference in references.items():
@@ -78,7 +83,8 @@ def identify(folder, references: dict) -> str:
 
 
 def hf_chts_leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".hf_chts" in p.name and p.name != commit.LOCK_NAME)
+    locks = (commit.LOCK_NAME, commit.SWAP_LOCK_NAME)
+    return sorted(p.name for p in parent.iterdir() if ".hf_chts" in p.name and p.name not in locks)
 
 
 # ------------------------------------------------------------------ mixed folders
@@ -333,3 +339,185 @@ def test_an_edited_model_card_is_reported_not_refused(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="hf_chts.checkpoint"):
         assert identify(tmp_path, {"saved": model}) == "saved"
     assert any("README.md" in r.getMessage() and "does not affect loading" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------ loads that overlap a save
+def _pruned_copy(seed):
+    """``build(seed)`` with half of each layer's live links cut and the rest doubled: its masks are a subset of
+    ``build(seed)``'s (as after a density decay), so the masked-weights-are-zero check cannot tell the two apart."""
+    model = build(seed)
+    with torch.no_grad():
+        for layer in sparse_layers(model).values():
+            live = layer.mask.nonzero()
+            layer.mask[tuple(live[::2].t())] = False
+            layer.weight.mul_(2)
+            layer.apply_mask_()
+    return model
+
+
+def _swap_folders(first: Path, second: Path) -> None:
+    """What a save does to a loader: the folder's whole content is replaced between two of its reads."""
+    parked = first.with_name(first.name + ".parked")
+    os.rename(first, parked)
+    os.rename(second, first)
+    os.rename(parked, second)
+
+
+def test_a_load_that_overlaps_a_save_reads_one_save(tmp_path, monkeypatch):
+    """A save swaps the folder after the loader verified it and read the masks, before the weights: the load
+    must not return old masks with new weights (mutant: no re-check of the save id after the read -> mixed)."""
+    from hf_chts.checkpointing import loading
+
+    references = {"old": build(0), "new": _pruned_copy(0)}
+    save_sparse(references["old"], tmp_path / "ckpt")
+    save_sparse(references["new"], tmp_path / "incoming")
+    real_read_masks, swaps = loading.read_masks, []
+
+    def read_masks_then_a_save_lands(folder):
+        masks = real_read_masks(folder)
+        if not swaps:
+            _swap_folders(tmp_path / "ckpt", tmp_path / "incoming")
+            swaps.append(folder)
+        return masks
+
+    monkeypatch.setattr(loading, "read_masks", read_masks_then_a_save_lands)
+    assert identify(tmp_path / "ckpt", references) == "new" and swaps
+
+
+def test_a_load_that_loses_every_race_fails_with_one_line(tmp_path, monkeypatch):
+    from hf_chts.checkpointing import loading
+
+    save_sparse(build(0), tmp_path / "ckpt")
+    save_sparse(_pruned_copy(0), tmp_path / "incoming")
+    real_read_masks = loading.read_masks
+
+    def read_masks_then_a_save_lands(folder):
+        masks = real_read_masks(folder)
+        _swap_folders(tmp_path / "ckpt", tmp_path / "incoming")
+        return masks
+
+    monkeypatch.setattr(loading, "read_masks", read_masks_then_a_save_lands)
+    with pytest.raises(ValueError, match=r"a save replaced this checkpoint during each of \d+ attempts") as caught:
+        load_sparse(tmp_path / "ckpt")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_loads_during_a_loop_of_saves_are_never_mixed(tmp_path):
+    """One process saves two checkpoints in turn into one folder as fast as it can; this one loads it meanwhile.
+    Every load is one of the two saves (identify fails on a mixed model) and none is refused: the saves wait for
+    each load before swapping (before that lock: 33 of 49 loads refused as lost races; before this round: mixed
+    models and false "mixes files" refusals)."""
+    references = {"a": build(0, hidden=128, layers=4), "b": build(1, hidden=128, layers=4)}
+    folder = tmp_path / "ckpt"
+    save_sparse(references["a"], folder)
+    child = run_child(folder, [0, 1], hidden=128, layers=4, repeats=400)
+    assert child.stdout.readline().strip() == "ready"
+    outcomes, reasons = [], set()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and child.poll() is None:
+            try:
+                outcomes.append(identify_model(load_sparse(folder), references, folder))
+            except ValueError as error:
+                outcomes.append("race")
+                reasons.add(str(error).split(": ", 1)[1])
+    finally:
+        child.kill()
+        child.communicate(timeout=60)
+    print(f"{len(outcomes)} loads: {outcomes.count('a')} a, {outcomes.count('b')} b, "
+          f"{outcomes.count('race')} refused as a lost race")
+    assert not reasons, reasons
+    assert len(outcomes) >= 20 and {"a", "b"} <= set(outcomes), outcomes
+
+
+def test_a_save_waits_for_a_load_under_way(tmp_path):
+    """The swap of a save waits while a reader holds the shared swap lock (mutant: no swap_lock around the swap ->
+    the folder changes under the reader)."""
+    import threading
+
+    references = {"old": build(0), "new": build(1)}
+    folder = tmp_path / "ckpt"
+    save_sparse(references["old"], folder)
+    saver = threading.Thread(target=save_sparse, args=(references["new"], folder))
+    with commit.readers_lock(folder):
+        saver.start()
+        time.sleep(1.5)  # the new save is written by now, and waits for this reader before swapping
+        assert saver.is_alive() and identify(folder, references) == "old"
+    saver.join(timeout=60)
+    assert identify(folder, references) == "new"
+
+
+# ------------------------------------------------------------ verification cost (issue 19 item 8)
+class HashCounter:
+    def __init__(self, monkeypatch):
+        import hashlib
+
+        from hf_chts.checkpointing import manifest
+
+        self.calls, real = 0, hashlib.sha256
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(manifest, "_SETTLE_NS", 0)  # the files were just written: remember them at once
+        monkeypatch.setattr(hashlib, "sha256", counting)
+
+    def take(self) -> int:
+        calls, self.calls = self.calls, 0
+        return calls
+
+
+def test_each_file_is_hashed_once_per_process(tmp_path, monkeypatch):
+    """Mutant: no digest cache in file_digest -> the second load (and inspect) hash every file again."""
+    model = build(0)
+    folder = tmp_path / "ckpt"
+    save_sparse(model, folder)
+    listed = len(json.loads((folder / CONFIG_FILE).read_text())["manifest"])
+    counter = HashCounter(monkeypatch)
+    assert identify(folder, {"saved": model}) == "saved" and counter.take() == listed
+    assert identify(folder, {"saved": model}) == "saved" and counter.take() == 0
+    inspect_checkpoint(folder)
+    read_engine_state(folder)
+    assert counter.take() == 0
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # an in-place edit of the last byte: same size, new mtime/ctime
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors: SHA-256 differs"):
+        load_sparse(folder)
+    assert counter.take() == 1
+
+
+def test_fast_verification_checks_sizes_headers_and_save_ids_only(tmp_path, monkeypatch):
+    """verify='fast' (or HF_CHTS_VERIFY=fast) hashes no safetensors file, and still refuses a file of another
+    size, a broken header and a masks file of another save (mutant: fast mode hashing too -> hash count > 0)."""
+    model = build(0)
+    folder = tmp_path / "ckpt"
+    save_sparse(model, folder)
+    save_sparse(build(1), tmp_path / "other")
+    safetensors = [n for n in json.loads((folder / CONFIG_FILE).read_text())["manifest"] if n.endswith(".safetensors")]
+    counter = HashCounter(monkeypatch)
+    assert identify_model(load_sparse(folder, verify="fast"), {"saved": model}, folder) == "saved"
+    assert counter.take() == len(json.loads((folder / CONFIG_FILE).read_text())["manifest"]) - len(safetensors)
+    monkeypatch.setenv("HF_CHTS_VERIFY", "fast")
+    inspect_checkpoint(folder)
+    assert counter.take() == 0  # the JSON files were hashed by the first load already
+    shutil.copy(tmp_path / "other" / SPARSITY_FILE, folder / SPARSITY_FILE)
+    with pytest.raises(ValueError, match=rf"{SPARSITY_FILE}: save id"):
+        load_sparse(folder)
+    save_sparse(model, folder)
+    with open(folder / "model.safetensors", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ValueError, match=r"model.safetensors: \d+ bytes, the save wrote"):
+        load_sparse(folder)
+    save_sparse(model, folder)
+    with open(folder / "model.safetensors", "r+b") as handle:  # same size, the header's first byte broken
+        handle.seek(8)
+        handle.write(b"X")
+    with pytest.raises(ValueError, match="model.safetensors: .*not a readable safetensors file"):
+        load_sparse(folder)
+    monkeypatch.setenv("HF_CHTS_VERIFY", "quick")
+    with pytest.raises(ValueError, match="HF_CHTS_VERIFY='quick' is not a verification mode"):
+        load_sparse(folder)

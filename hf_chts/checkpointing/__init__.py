@@ -1,6 +1,8 @@
 """Sparse checkpoints, split by job: ``format`` (files, encoding, validation), ``saving``
 (``save_sparse``, the ``save_pretrained`` hook), ``compact`` (live values only), ``loading``
-(``load_sparse``, the Hub) and ``tools`` (``hf-chts inspect`` / ``export``).
+(``load_sparse``, the Hub, reading one save), ``manifest`` (save id, manifest, verification),
+``commit`` (the crash-safe swap and its locks), ``keeping`` (what a save keeps of the old folder) and
+``tools`` (``hf-chts inspect`` / ``export``).
 
 The public API is re-exported by :mod:`hf_chts.checkpoint`. This package's
 ``__init__`` imports nothing, so :mod:`hf_chts.model` can import

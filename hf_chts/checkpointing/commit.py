@@ -17,6 +17,10 @@ The protocol (specified in docs/checkpoint-format.md#7-consistency-between-files
    the filesystem cannot, ``rename(target, retired)`` then ``rename(staging, target)``;
 6. delete the old content and the journal.
 
+Step 5 holds ``<parent>/.hf_chts-swap.lock`` exclusively (``flock``), and readers
+(:func:`hf_chts.checkpointing.loading.read_one_save`) hold it shared while they read, so a swap waits for
+the loads under way (at most ``HF_CHTS_SWAP_WAIT`` s, default 120; then it swaps and those loads start again).
+
 With the exchange, ``<name>`` holds the complete old or the complete new
 checkpoint at every instant. With the two-rename fallback, a crash between the
 renames leaves no ``<name>``: loaders refuse it naming the journal, and the
@@ -36,6 +40,8 @@ import logging
 import os
 import re
 import shutil
+import stat
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,6 +57,8 @@ FAULT_EXIT_CODE = 86
 LOCK_NAME = ".hf_chts-save.lock"
 MARKER_NAME = ".hf_chts_staging.json"
 LOCK_TIMEOUT_ENV = "HF_CHTS_SAVE_LOCK_TIMEOUT"
+SWAP_LOCK_NAME = ".hf_chts-swap.lock"
+SWAP_WAIT_ENV = "HF_CHTS_SWAP_WAIT"
 
 
 def fault_point(step: str) -> None:
@@ -261,6 +269,64 @@ def save_lock(target: Path) -> Iterator[None]:
         lock.release()
 
 
+def _flock(fd: int, operation: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not a POSIX system: the readers' save-id check alone protects them
+        return True
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextlib.contextmanager
+def readers_lock(folder: Path) -> Iterator[None]:
+    """Hold the swap lock of ``folder``'s parent shared while reading ``folder`` (saves' swaps wait for it).
+
+    Only an existing regular lock file is used (a reader never creates files; a folder no hf_chts save wrote
+    into has none, and the save-id check of the readers still applies).
+    """
+    try:
+        fd = os.open(folder.parent / SWAP_LOCK_NAME, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        yield
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            while not _flock(fd, _LOCK_SH):  # a swap holds it for milliseconds
+                time.sleep(0.005)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def swap_lock(target: Path) -> Iterator[None]:
+    """Hold the swap lock of ``target``'s parent exclusively, waiting for readers up to ``HF_CHTS_SWAP_WAIT`` s."""
+    try:
+        fd = os.open(target.parent / SWAP_LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        wait = float(os.environ.get(SWAP_WAIT_ENV, "120"))
+        deadline = time.monotonic() + wait
+        while not _flock(fd, _LOCK_EX):
+            if time.monotonic() >= deadline:
+                logger.warning("hf_chts: a reader of %s held it for over %.0f s; swapping the new save in anyway (a "
+                               "read that overlaps the swap starts again)", target, wait)
+                break
+            time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
+_LOCK_SH, _LOCK_EX = 1, 2  # fcntl.LOCK_SH, fcntl.LOCK_EX
+
+
 @contextlib.contextmanager
 def staged_commit(target: str | os.PathLike, owned_by_old_save: Callable[[Path], Callable[[str], bool]],
                   *, link_first: bool = False) -> Iterator[Path]:
@@ -280,6 +346,7 @@ def staged_commit(target: str | os.PathLike, owned_by_old_save: Callable[[Path],
         raise ValueError(f"cannot save a checkpoint as {target}: choose a named folder")
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} is a file; a checkpoint is a folder")
+    refuse_working_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with save_lock(target):
         recover_interrupted_save(target)
@@ -307,7 +374,8 @@ def staged_commit(target: str | os.PathLike, owned_by_old_save: Callable[[Path],
             shutil.rmtree(staging, ignore_errors=True)
             journal_path(target).unlink(missing_ok=True)
             raise
-        _swap(staging, target, retired)
+        with swap_lock(target):
+            _swap(staging, target, retired)
         fault_point("swapped")
         for leftover in (staging, retired):
             if leftover.is_dir():
@@ -315,6 +383,20 @@ def staged_commit(target: str | os.PathLike, owned_by_old_save: Callable[[Path],
         journal_path(target).unlink()
         fsync_path(target.parent)
         fault_point("cleaned")
+
+
+def refuse_working_directory(target: Path) -> None:
+    """``ValueError`` when ``target`` is the current working directory or one of its ancestors: the commit swaps
+    the folder and deletes the old one, which would leave the process in a deleted folder."""
+    try:
+        cwd = Path.cwd().resolve()
+    except FileNotFoundError:
+        return
+    resolved = target.resolve()
+    if cwd == resolved or resolved in cwd.parents:
+        where = "the current directory" if cwd == resolved else f"an ancestor of the current directory {cwd}"
+        raise ValueError(f"cannot save a checkpoint into {target}: it is {where}, and a save replaces the whole "
+                         "folder; save into a subfolder (e.g. 'checkpoint') or change directory first")
 
 
 def _swap(staging: Path, target: Path, retired: Path) -> None:

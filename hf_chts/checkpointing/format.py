@@ -44,12 +44,15 @@ CONFIG_FILE = "sparsify_config.json"
 SPARSE_WEIGHTS_FILE = "sparse_weights.safetensors"
 
 
-_WEIGHT_FILE_PREFIXES = ("model.", "model-", "pytorch_model")
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)"
+                          r"|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json")
 
 
 def is_weight_file(name: str) -> bool:
-    """True for a transformers weight file name (``model.safetensors``, shards, their index, ``pytorch_model*.bin``)."""
-    return name.startswith(_WEIGHT_FILE_PREFIXES) and name.endswith((".safetensors", ".bin", ".index.json"))
+    """True for a weight file name transformers writes and loads by default (``model.safetensors``, its shards
+    ``model-00001-of-00002.safetensors`` and index, the ``pytorch_model.bin`` equivalents). Other names
+    (``model.fp16.safetensors``, ``model-backup.safetensors``) are the user's: a save keeps them."""
+    return _WEIGHT_FILE.fullmatch(name) is not None
 
 
 PACKING = "numpy.packbits(mask, axis=-1, bitorder='little'), logical out x in"

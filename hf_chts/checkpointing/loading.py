@@ -8,25 +8,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from ..config import SparsifyConfig
 from ..inference.autotune import DEFAULT_AUTO_TOKENS
-from ..io_utils import looks_like_local_path, read_json_object
+from ..io_utils import looks_like_local_path, read_bounded_bytes, read_json_object
 from ..layers import logical_shape_of
 from ..lora import refuse_adapter_files
 from ..model import modules_named, select_modules, sparsify
 from ..state import find_state
-from .commit import interrupted_save_note, refuse_save_leftover
+from .commit import interrupted_save_note, readers_lock, refuse_save_leftover
 from .compact import fill_compact, read_compact_values, without_compact_marker
 from .format import (
     CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, config_from_record, decode_engine_record, is_weight_file,
     module_name_of, read_masks, read_safetensors_metadata, read_sparsify_config,
 )
-from .manifest import verify_checkpoint
+from .manifest import verify_checkpoint, verify_mode
 
 logger = logging.getLogger("hf_chts.checkpoint")  # the logger name users configure, whichever module logs
 
@@ -175,15 +178,17 @@ def _from_pretrained(folder: Path, sparse_keys: set[str], compact: bool, kwargs:
 
 def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
                 cache_dir: str | None = None, local_files_only: bool | None = None, inference: bool = False,
-                kernel: str = "auto", auto_tokens=DEFAULT_AUTO_TOKENS, **from_pretrained_kwargs) -> nn.Module:
+                kernel: str = "auto", auto_tokens=DEFAULT_AUTO_TOKENS, verify: str | None = None,
+                **from_pretrained_kwargs) -> nn.Module:
     """Load a sparse checkpoint (local folder or Hub repo id) as a sparsified model.
 
     Loads the weights with ``AutoModelForCausalLM.from_pretrained`` (expanding
     the compact format when present), reads the masks and the SparsifyConfig,
     validates them against the model and calls ``sparsify(model, config, masks=...)``.
     The engine progress is available with :func:`read_engine_state`. Every file is
-    first verified to come from one save; ``trust_remote_code`` is ``False``
-    unless passed explicitly.
+    first verified to come from one save, and the whole load reads one save: a save
+    that replaces the folder meanwhile makes the load start again
+    (:func:`read_one_save`); ``trust_remote_code`` is ``False`` unless passed explicitly.
 
     Args:
         path_or_repo_id: checkpoint folder or ``"org/name"`` on the Hub.
@@ -195,6 +200,9 @@ def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = No
             ``to_sparse_inference``, with ``auto_tokens``), never holding a
             dense copy of a sparsified weight; safetensors files only, and of
             the ``from_pretrained`` options only ``dtype``.
+        verify: ``"full"`` (SHA-256 of every file) or ``"fast"`` (sizes, safetensors headers and save ids;
+            no hash of the safetensors files); default: the ``HF_CHTS_VERIFY`` environment variable, else
+            ``"full"`` (docs/checkpoint-format.md#71-save-id-and-manifest).
         **from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
 
     Returns:
@@ -205,11 +213,23 @@ def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = No
         ValueError: naming the file and the field or tensor when the folder mixes
             files of different saves (save id / manifest), a stored weight is not 0
             at a masked position, or a file is truncated, corrupted, of the wrong
-            type or not a regular file (docs/checkpoint-format.md#5-validation-on-load).
+            type or not a regular file (docs/checkpoint-format.md#5-validation-on-load);
+            or when saves kept replacing the folder during every attempt to read it.
     """
     folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir,
                                 local_files_only=local_files_only)
-    record = verified_record(folder)
+    mode = verify_mode(verify)
+
+    def load(record: dict | None) -> nn.Module:
+        return _load_once(folder, record, inference=inference, kernel=kernel, auto_tokens=auto_tokens,
+                          from_pretrained_kwargs=dict(from_pretrained_kwargs))
+
+    return read_one_save(folder, load, verify=mode)
+
+
+def _load_once(folder: Path, record: dict | None, *, inference: bool, kernel: str, auto_tokens,
+               from_pretrained_kwargs: dict) -> nn.Module:
+    """One attempt of :func:`load_sparse` on a folder whose ``record`` was verified."""
     compact = (folder / SPARSE_WEIGHTS_FILE).exists()
     check_model_files(folder)
     refuse_adapter_files(folder)  # transformers would load them into the model (docstring of hf_chts.lora)
@@ -253,26 +273,84 @@ def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = No
     return model
 
 
-def verified_record(folder: Path) -> dict | None:
+#: how many times a read of a checkpoint starts again when a save replaces the folder during the read
+READ_ATTEMPTS = 5
+_RECORD_LIMIT = 64 * 2**20
+_Result = TypeVar("_Result")
+
+
+def save_fingerprint(folder: Path) -> bytes | None:
+    """The bytes of ``folder``'s ``sparsify_config.json`` (``None`` when absent or unreadable).
+
+    Every save writes a new save id into this file and swaps the whole folder, so two equal fingerprints
+    taken before and after a read mean that every file the read opened belongs to that one save.
+    """
+    try:
+        return read_bounded_bytes(folder / CONFIG_FILE, max_bytes=_RECORD_LIMIT, what=CONFIG_FILE)
+    except ValueError:
+        return None
+
+
+def read_one_save(folder: Path, read: Callable[[dict | None], _Result], *, verify: str | None = None) -> _Result:
+    """``read(record)`` on ``folder`` after verifying it, such that everything ``read`` took from the folder
+    comes from the one save that ``record`` (its ``sparsify_config.json``) describes.
+
+    hf_chts saves wait for the read before swapping the folder (a shared ``flock`` on the parent's
+    ``.hf_chts-swap.lock``, when it exists). And since a save swaps a whole new folder in and every save
+    has its own save id, the record's bytes are compared before and after the read (a sequence lock):
+    when a save replaced the folder meanwhile, the result (or the error, e.g. a manifest mismatch the swap
+    caused) is discarded and the read starts again, up to :data:`READ_ATTEMPTS` times; then one
+    ``ValueError`` says why. An error raised while the folder stayed the same is the folder's own and is
+    raised at once.
+    """
+    mode = verify_mode(verify)
+    for attempt in range(READ_ATTEMPTS):
+        with readers_lock(folder):  # hf_chts saves into the parent wait for this read before swapping
+            before = save_fingerprint(folder)
+            try:
+                result = read(verified_record(folder, verify=mode))
+            except Exception:
+                if save_fingerprint(folder) == before:
+                    raise
+            else:
+                if save_fingerprint(folder) == before:
+                    return result
+        logger.info("hf_chts: %s was replaced by a save while it was read (attempt %d of %d); reading it again",
+                    folder, attempt + 1, READ_ATTEMPTS)
+        time.sleep(0.05 * (attempt + 1))
+    raise ValueError(
+        f"{folder}: a save replaced this checkpoint during each of {READ_ATTEMPTS} attempts to read it (a process "
+        "is saving into it); read it when the saves stop, or copy a finished checkpoint elsewhere and read the copy"
+    )
+
+
+def verified_record(folder: Path, *, verify: str | None = None) -> dict | None:
     """The ``sparsify_config.json`` record of ``folder`` after checking that every file is from that save
-    (:func:`~hf_chts.checkpointing.manifest.verify_checkpoint`); ``None`` for a folder without one."""
+    (:func:`~hf_chts.checkpointing.manifest.verify_checkpoint`, ``verify`` one of ``"full"``, ``"fast"``);
+    ``None`` for a folder without one. Use :func:`read_one_save` to read files of that save afterwards."""
     record = read_sparsify_config(folder)
     if record is not None:
-        verify_checkpoint(folder, record)
+        verify_checkpoint(folder, record, mode=verify_mode(verify))
     return record
 
 
 def read_engine_state(path: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
-                      cache_dir: str | None = None, local_files_only: bool | None = None) -> dict | None:
+                      cache_dir: str | None = None, local_files_only: bool | None = None,
+                      verify: str | None = None) -> dict | None:
     """The sparse-training engine state saved in a checkpoint, in ``SparseTrainingEngine.state_dict()`` format.
 
     ``engine.load_state_dict(read_engine_state(folder))`` resumes exactly (step,
     RNG, masks, history). Returns ``None`` when the folder holds no engine
     progress (saved without an engine attached, or no ``sparsify_config.json``).
+    ``verify`` as in :func:`load_sparse`; the record and the masks come from one save.
     """
     folder = resolve_checkpoint(path, revision=revision, token=token, cache_dir=cache_dir,
                                 local_files_only=local_files_only)
-    record = verified_record(folder)
-    if record is None or record.get("engine") is None:
-        return None
-    return decode_engine_record(record["engine"], read_masks(folder), record["config"])
+
+    def read(record: dict | None) -> dict | None:
+        if record is None or record.get("engine") is None:
+            return None
+        return decode_engine_record(record["engine"], read_masks(folder), record["config"])
+
+    return read_one_save(folder, read, verify=verify)
+

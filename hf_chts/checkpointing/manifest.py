@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 from ..io_utils import require_regular_file
@@ -29,13 +30,55 @@ _CHUNK = 8 * 2**20
 DOCUMENTATION_FILES = ("README.md",)  # in the manifest, but a changed copy is reported, not refused
 
 
+#: ``verify`` modes of the readers: ``full`` hashes every file, ``fast`` checks the safetensors files' sizes,
+#: headers and save ids instead of hashing them (docs/checkpoint-format.md#71-save-id-and-manifest)
+VERIFY_MODES = ("full", "fast")
+VERIFY_ENV = "HF_CHTS_VERIFY"
+_DIGESTS: dict[tuple, str] = {}  # (device, inode, size, mtime_ns, ctime_ns) -> SHA-256, this process's hashes
+_DIGEST_CACHE_ENTRIES = 4096
+_SETTLE_NS = 2 * 10**9
+
+
+def verify_mode(mode: str | None) -> str:
+    """``mode`` checked (``None``: the ``HF_CHTS_VERIFY`` environment variable, else ``"full"``)."""
+    chosen = mode if mode is not None else os.environ.get(VERIFY_ENV) or "full"
+    if chosen not in VERIFY_MODES:
+        where = f"{VERIFY_ENV}={chosen!r}" if mode is None else f"verify={chosen!r}"
+        raise ValueError(f"{where} is not a verification mode: use 'full' (hash every file) or 'fast' (sizes, "
+                         "headers and save ids)")
+    return chosen
+
+
+def clear_digest_cache() -> None:
+    """Forget the digests this process remembered (:func:`file_digest`); the next verification hashes again."""
+    _DIGESTS.clear()
+
+
 def file_digest(path: Path) -> dict:
-    """``{"size", "sha256"}`` of a regular file."""
-    digest = hashlib.sha256()
+    """``{"size", "sha256"}`` of a regular file, reading at most its ``fstat`` size (+1 to notice growth).
+
+    A file is hashed once per process: the digest is remembered under the file's identity (device,
+    inode, size, modification and change times in ns), which any rewrite, rename-over or in-place edit changes.
+    A file changed less than :data:`_SETTLE_NS` before the hash starts is not remembered: file times tick
+    coarsely (a few ms), so an edit in the same tick would keep the identity.
+    """
+    started = time.time_ns()
     with open(require_regular_file(path), "rb") as handle:
-        while chunk := handle.read(_CHUNK):
+        info = os.fstat(handle.fileno())
+        key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        if key in _DIGESTS:
+            return {"size": info.st_size, "sha256": _DIGESTS[key]}
+        digest, remaining = hashlib.sha256(), info.st_size + 1
+        while remaining > 0 and (chunk := handle.read(min(_CHUNK, remaining))):
             digest.update(chunk)
-    return {"size": os.stat(path).st_size, "sha256": digest.hexdigest()}
+            remaining -= len(chunk)
+    if remaining <= 0:
+        raise ValueError(f"{path}: the file grew while it was hashed; read it again when it is complete")
+    if started - max(info.st_mtime_ns, info.st_ctime_ns) > _SETTLE_NS:
+        if len(_DIGESTS) >= _DIGEST_CACHE_ENTRIES:
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest.hexdigest()
+    return {"size": info.st_size, "sha256": digest.hexdigest()}
 
 
 def build_manifest(folder: Path, names: list[str] | None = None) -> dict[str, dict]:
@@ -57,7 +100,7 @@ def stored_save_id(file: Path) -> str | None:
     return read_safetensors_metadata(file).get("save_id")
 
 
-def verify_checkpoint(folder: str | os.PathLike, record: dict) -> None:
+def verify_checkpoint(folder: str | os.PathLike, record: dict, *, mode: str = "full") -> None:
     """Refuse a folder whose files are not all from the save ``record`` (its ``sparsify_config.json``) describes.
 
     Checks, collecting every problem before raising one ``ValueError`` that names
@@ -97,6 +140,11 @@ def verify_checkpoint(folder: str | os.PathLike, record: dict) -> None:
         size = os.stat(path).st_size
         if size != entry["size"]:
             report.append(f"{name}: {size} bytes, the save wrote {entry['size']}")
+        elif mode == "fast" and name.endswith(".safetensors"):
+            try:
+                read_safetensors_metadata(path)  # the header, checked against the size
+            except ValueError as error:
+                report.append(f"{name}: {error}")
         elif file_digest(path)["sha256"] != entry["sha256"]:
             report.append(f"{name}: SHA-256 differs from the one the save recorded")
     for line in documentation:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
 import types
 import uuid
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from ..hub import push_folder
+from ..io_utils import is_regular
 from ..layers import is_dtensor, sparse_layers, zero_masked_
 from ..model_card import CARD_FILE, write_model_card
 from ..state import find_state, unwrap_model
@@ -38,6 +40,7 @@ from .format import (
     CONFIG_FILE, FORMAT_VERSION, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, dump_record_json, encode_engine_state,
     is_weight_file, mask_entries, weight_key,
 )
+from .keeping import edited_card, old_manifest_entry, set_aside_edited_card, warn_kept_weight_like_files
 from .manifest import build_manifest, owned_by_old_save, owned_sparsity_files, stored_save_id
 
 PUSH_MESSAGE = "Upload sparse checkpoint (hf_chts)"
@@ -73,6 +76,25 @@ def _require_pretrained(model: nn.Module) -> nn.Module:
             f"save_sparse needs a transformers PreTrainedModel (with save_pretrained); got {type(model).__name__}"
         )
     return model
+
+
+#: the attribute ``hf_chts.inference.convert.finish_inference_model`` sets on an inference-only model
+INFERENCE_INFO_ATTR = "hf_chts_inference"
+
+
+def refuse_inference_model(model: nn.Module) -> None:
+    """``ValueError`` for a model converted by ``to_sparse_inference`` (or loaded with ``inference=True``): its
+    sparsified layers hold CSR arrays and no mask, so a save would write a checkpoint that does not load."""
+    state = find_state(model)
+    converted = INFERENCE_INFO_ATTR in model.__dict__ or (
+        state is not None and not state.config.is_dense and not sparse_layers(model))
+    if converted:
+        raise ValueError(
+            "this model was converted by to_sparse_inference() (or loaded with inference=True): it keeps no masks and "
+            "no dense weights, so no checkpoint is written from it; save the sparse model before converting "
+            "(hf_chts.save_sparse, compact=True keeps only live weights), or load the checkpoint again with "
+            "hf_chts.load_sparse(path)"
+        )
 
 
 def _original_save_pretrained(model: nn.Module):
@@ -193,6 +215,7 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
             "this model is not sparsified (no hf_chts state): call hf_chts.sparsify(model, config) first, "
             "or use model.save_pretrained() for a dense model"
         )
+    refuse_inference_model(model)
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} is a file; save_sparse needs a folder")
@@ -203,6 +226,7 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
     original_save = _original_save_pretrained(model)
     save_id = uuid.uuid4().hex
     with staged_commit(target, owned_by_old_save) as staging:
+        warn_kept_weight_like_files(Path(os.path.abspath(target)))
         if compact:
             dense_part, values, metadata = compact_split(model, state_dict, save_id)
             original_save(staging, state_dict=dense_part, is_main_process=True, push_to_hub=False, **save_kwargs)
@@ -217,11 +241,16 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, *, tokenizer=Non
         save_file(tensors, str(staging / SPARSITY_FILE), metadata=metadata)
         fault_point("sparsity-written")
         record = _config_record(model, compact=compact, engine_record=engine_record, save_id=save_id, manifest={})
-        # the model card (docs/hub.md#2-the-model-card); a README.md in target hf_chts did not write is kept
-        write_model_card(staging, record=record, model=model, existing_card=target / CARD_FILE,
-                         **{"repo_id": target.resolve().name, **(card_kwargs or {})})
+        # the model card (docs/hub.md#2-the-model-card); a README.md in target hf_chts did not write is kept,
+        # and so is a card hf_chts wrote that was edited since (both join this save)
+        edited = edited_card(target)
+        written = write_model_card(staging, record=record, model=model, existing_card=target / CARD_FILE,
+                                   **{"repo_id": target.resolve().name, **(card_kwargs or {})})
+        if written is None and old_manifest_entry(target, CARD_FILE) is not None and is_regular(target / CARD_FILE):
+            shutil.copy2(target / CARD_FILE, staging / CARD_FILE)  # the user's card, listed by the old save
         record["manifest"] = build_manifest(staging)  # every file written into the staging folder so far
         (staging / CONFIG_FILE).write_text(dump_record_json(record), encoding="utf-8")
+        set_aside_edited_card(edited if written is not None else None, staging)  # outside the manifest
         fault_point("config-written")
     return target
 
@@ -272,6 +301,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, co
     Returns:
         The folder path on the main process, ``None`` on other ranks (which write nothing).
     """
+    refuse_inference_model(unwrap_model(model))  # before any rank gathers or writes anything
     _reapply_masks(model)  # on every calling rank, so ranks keep identical weights
     state_dict = _gather_full_state_dict(model)  # collective under FSDP2: every rank calls save_sparse
     if not is_main_process():
@@ -302,6 +332,7 @@ def write_sparsity_files(model: nn.Module, path: str | os.PathLike, *, card_kwar
     model = unwrap_model(model)
     if find_state(model) is None:
         raise ValueError("this model is not sparsified (no hf_chts state): nothing to write")
+    refuse_inference_model(model)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; save the model there first (save_sparse)")
@@ -313,9 +344,11 @@ def write_sparsity_files(model: nn.Module, path: str | os.PathLike, *, card_kwar
         save_file(tensors, str(staging / SPARSITY_FILE), metadata=metadata)
         fault_point("sparsity-written")
         record = _config_record(model, compact=compact, engine_record=_MISSING, save_id=save_id, manifest={})
+        edited = edited_card(folder)
         card = write_model_card(staging, record=record, model=model,  # docs/hub.md#2-the-model-card
                                 existing_card=folder / CARD_FILE,
                                 **{"repo_id": folder.resolve().name, **(card_kwargs or {})})
+        set_aside_edited_card(edited if card is not None else None, staging)
         names = sorted(p.name for p in staging.iterdir() if p.is_file() and (
             is_weight_file(p.name) or p.name in (SPARSITY_FILE, SPARSE_WEIGHTS_FILE, "config.json",
                                                  "generation_config.json") or (card and p.name == CARD_FILE)))

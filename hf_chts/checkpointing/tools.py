@@ -14,7 +14,7 @@ from ..model import modules_named
 from ..topology.percolation import active_neurons
 from .format import CONFIG_FILE, SPARSITY_FILE, config_from_record, module_name_of, read_masks
 from .loading import (
-    check_model_files, load_sparse, quiet_transformers, resolve_checkpoint, validate_masks, verified_record,
+    check_model_files, load_sparse, quiet_transformers, read_one_save, resolve_checkpoint, validate_masks,
 )
 from .saving import write_checkpoint
 
@@ -29,12 +29,16 @@ def _meta_model(folder: Path):
         return AutoModelForCausalLM.from_config(model_config, trust_remote_code=False)
 
 
-def inspect_checkpoint(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> dict:
+def inspect_checkpoint(path_or_repo_id: str | os.PathLike, *, verify: str | None = None, **hub_kwargs) -> dict:
     """Summary of a sparse checkpoint without running the model: per-layer density and
-    active neurons, overall density and ANP, file sizes, method and schedule position."""
+    active neurons, overall density and ANP, file sizes, method and schedule position
+    (all from one save; ``verify`` as in :func:`~hf_chts.checkpointing.loading.load_sparse`)."""
     folder = resolve_checkpoint(path_or_repo_id, **hub_kwargs)
+    return read_one_save(folder, lambda record: _inspect(folder, record), verify=verify)
+
+
+def _inspect(folder: Path, record: dict | None) -> dict:
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
-    record = verified_record(folder)
     if record is None or not (folder / SPARSITY_FILE).exists():
         raise ValueError(f"{folder} is not a sparse checkpoint: {SPARSITY_FILE} and {CONFIG_FILE} are required")
     config = config_from_record(folder / CONFIG_FILE, record)
