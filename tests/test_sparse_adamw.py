@@ -223,3 +223,94 @@ def test_fsdp2_sharded_parameters_are_refused_at_construction(monkeypatch):
     with pytest.raises(ValueError, match="FSDP2") as error:
         SparseAdamW([DTensor(torch.zeros(2, 2))])
     assert str(error.value) == FSDP2_REFUSED and "\n" not in FSDP2_REFUSED
+
+
+# ------------------------------------------------------------------ save and resume
+def trainer_run(output_dir, model, *, resume_from=None, **overrides):
+    from transformers import Trainer
+
+    from hf_chts import CHTssTrainerCallback, sparse_adamw_cls_and_kwargs
+    from trainer_utils import PatternDataset, training_args
+
+    config = SparsifyConfig(method="chtss", target_density=0.3, update_interval=3, seed=0)
+    args = training_args(output_dir, max_steps=12, save_strategy="steps", save_steps=6, learning_rate=1e-2,
+                         weight_decay=0.1, max_grad_norm=0.5, **overrides)
+    trainer = Trainer(model=model, args=args, train_dataset=PatternDataset(vocab=16),
+                      optimizer_cls_and_kwargs=sparse_adamw_cls_and_kwargs(args),
+                      callbacks=[CHTssTrainerCallback(config)])
+    trainer.train(resume_from_checkpoint=resume_from)
+    return trainer
+
+
+@pytest.mark.slow  # two Trainer runs
+def test_trainer_resume_through_optimizer_pt_is_bit_identical(tmp_path):
+    straight_model = tiny_llama(1)
+    straight = trainer_run(tmp_path / "straight", straight_model)
+    assert isinstance(straight.optimizer.optimizer, SparseAdamW)
+    saved = torch.load(tmp_path / "straight" / "checkpoint-6" / "optimizer.pt", weights_only=True)
+    live = sum(int(layer.mask.sum()) for layer in sparse_layers(straight_model).values())
+    numel = sum(layer.mask.numel() for layer in sparse_layers(straight_model).values())
+    assert live < 0.5 * numel
+    assert sum(s["exp_avg"].numel() for s in saved["state"].values()) < sum(p.numel() for p in straight_model.parameters())
+
+    resumed_model = tiny_llama(2)  # another init: everything must come from checkpoint-6
+    trainer_run(tmp_path / "straight", resumed_model, resume_from=str(tmp_path / "straight" / "checkpoint-6"))
+    for (name, param), resumed in zip(straight_model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(param, resumed), name
+
+
+def test_accelerate_save_state_resume_is_bit_identical(tmp_path):
+    from accelerate import Accelerator
+
+    config = SparsifyConfig(method="set", target_density=0.4, update_interval=3, seed=0)
+    batches = [torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(i)) for i in range(12)]
+
+    def run(start: int, stop: int, load: str | None = None, save_at: int | None = None, seed: int = 0):
+        model = tiny_llama(seed)
+        model.train()
+        sparsify(model, config)
+        accelerator = Accelerator(cpu=True)
+        model, optimizer = accelerator.prepare(model, SparseAdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+        engine = SparseTrainingEngine(model, total_steps=12, optimizer=optimizer)
+        accelerator.register_for_checkpointing(engine)
+        if load is not None:
+            accelerator.load_state(load)
+        for step in range(start, stop):
+            model(batches[step], labels=batches[step]).loss.backward()
+            accelerator.clip_grad_norm_(model.parameters(), 0.5)
+            optimizer.step()
+            optimizer.zero_grad()
+            engine.step()
+            if save_at == step + 1:
+                accelerator.save_state(str(tmp_path / "state"))
+        return accelerator.unwrap_model(model)
+
+    straight = run(0, 12, save_at=5)
+    resumed = run(5, 12, load=str(tmp_path / "state"), seed=3)
+    for (name, param), other in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(param, other), name
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_two_processes_match_masked_adamw(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from test_multiprocess import ACCELERATE, free_port
+
+    script = Path(__file__).parent / "scripts" / "ddp_sparse_adamw_run.py"
+    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(script), str(tmp_path)]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"weights-rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    for name, weight in ranks[0]["adamw"].items():
+        assert torch.equal(ranks[0]["sparse_adamw"][name], weight), name
+        assert torch.equal(ranks[1]["sparse_adamw"][name], weight), name
