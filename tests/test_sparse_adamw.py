@@ -314,3 +314,30 @@ def test_ddp_two_processes_match_masked_adamw(tmp_path):
     for name, weight in ranks[0]["adamw"].items():
         assert torch.equal(ranks[0]["sparse_adamw"][name], weight), name
         assert torch.equal(ranks[1]["sparse_adamw"][name], weight), name
+
+
+# ------------------------------------------------------------------------ recipe
+def test_recipe_training_optim_selects_sparse_adamw(tmp_path):
+    from hf_chts import recipe as R
+    from test_recipe import small_recipe, write_corpus
+
+    write_corpus(tmp_path / "corpus")
+    raw = small_recipe(tmp_path, training={"max_steps": 4, "optim": "hf_chts_sparse_adamw", "weight_decay": 0.1,
+                                           "learning_rate": 2e-3})
+    recipe = R.recipe_from_dict(raw)
+    assert recipe.training["optim"] == "hf_chts_sparse_adamw"
+    args = R.training_arguments(recipe)
+    model = tiny_llama(0)
+    sparsify(model, SparsifyConfig(method="set", target_density=0.5))
+    trainer = R.build_trainer(recipe, model, None, R.LMData(train=None, validation=None, validation_texts=[], stats={}),
+                              callback=transformers.TrainerCallback(), args=args)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is SparseAdamW and optimizer.defaults["lr"] == 2e-3
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.1, 0.0}
+
+    other = small_recipe(tmp_path, training={"max_steps": 4, "optim": "adamw_torhc"})
+    with pytest.raises(ValueError, match="training.optim"):
+        R.recipe_from_dict(other)
+    fsdp = small_recipe(tmp_path, training={"max_steps": 4, "optim": "hf_chts_sparse_adamw", "fsdp": "full_shard"})
+    with pytest.raises(ValueError, match="does not support FSDP2"):
+        R.recipe_from_dict(fsdp)
