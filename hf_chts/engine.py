@@ -387,7 +387,7 @@ class SparseTrainingEngine:
 
     def _apply_layer_update(self, layer: SparseLayerMixin, old_mask, new_mask, keep: torch.Tensor) -> None:
         """Write the mask; zero the weight and moments of every position outside ``keep`` (docs/algorithms.md §1).
-        An optimizer with ``repack(weight, old_mask, new_mask, keep)`` re-packs its own state (docs/sparse-optimizer.md)."""
+        Optimizers with ``repack(weight, old_mask, new_mask, keep)`` re-pack their state (docs/sparse-optimizer.md)."""
         layer.set_mask(new_mask)
         keep = keep.to(layer.mask.device)  # links that keep their weight and moments
         weight, weight_keep = layer.weight, layer.shard_like_weight(layer.storage_view(keep))

@@ -38,7 +38,7 @@ from .layers import is_dtensor, layer_of_weight
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 FSDP2_REFUSED = ("SparseAdamW does not support FSDP2-sharded (DTensor) parameters; use torch.optim.AdamW "
-                 "with FSDP2 (docs/sparse-optimizer.md#where-it-plugs-in)")
+                 "with FSDP2 (docs/sparse-optimizer.md#4-where-it-plugs-in)")
 
 
 def live_index(storage_mask: torch.Tensor) -> torch.Tensor:
