@@ -341,3 +341,22 @@ def test_recipe_training_optim_selects_sparse_adamw(tmp_path):
     fsdp = small_recipe(tmp_path, training={"max_steps": 4, "optim": "hf_chts_sparse_adamw", "fsdp": "full_shard"})
     with pytest.raises(ValueError, match="does not support FSDP2"):
         R.recipe_from_dict(fsdp)
+
+
+def test_adamw_shaped_state_of_a_weight_sparsified_later_is_packed_at_its_next_step():
+    model = tiny_llama(0)
+    optimizer = SparseAdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 16, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()  # nothing sparse yet: AdamW state everywhere
+    optimizer.zero_grad()
+    sparsify(model, SparsifyConfig(method="set", target_density=0.5))
+    layer = next(iter(sparse_layers(model).values()))
+    dense_avg = optimizer.state[layer.weight]["exp_avg"].clone()
+    assert dense_avg.shape == layer.weight.shape
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    packed = optimizer.state[layer.weight]["exp_avg"]
+    assert packed.shape == (int(layer.mask.sum()),)
+    mask = layer.storage_mask()
+    assert torch.equal(packed, dense_avg[mask].lerp(layer.weight.grad[mask], 1 - 0.9))  # AdamW's first moment
