@@ -91,8 +91,10 @@ def state_bytes(optimizer) -> int:
 def memory_child(shape: str, density: float, kind: str, tokens: int) -> dict:
     """One process: build, sparsify, 2 steps with an update after the first; state bytes and peak RSS."""
     import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline is read)
 
     from hf_chts import SparseTrainingEngine, SparsifyConfig, sparsify
+    from hf_chts.sparse_adamw import SparseAdamW  # noqa: F401
 
     torch.set_num_threads(1)
     before = rss_bytes("VmRSS")
