@@ -8,6 +8,8 @@ Checks (each is one row of the table; a check that raises is a FAIL row, the oth
 - engine on the device: a model moved to the device, then sparsified (CHTs, 30 %); its masks live on
   the device; one training step and one topology update; afterwards every layer holds exactly
   round(0.3 * numel) links, masked weights and AdamW moments are exactly 0;
+- ``hf_chts.SparseAdamW`` on the device (fp32, SET 30 %, 3 steps each followed by a topology update):
+  optimizer-state bytes vs ``torch.optim.AdamW``, and weights equal to AdamW + the engine's masking;
 - CH2-L3n / CH3-L3n scores computed on the device (whole and in row chunks) equal the CPU result on
   the same mask (the largest layer's mask after that update);
 - a bf16 (autocast) run of ``--steps`` steps of the shape of recipes/llama-60m-chtss.yaml (model preset,
@@ -220,6 +222,42 @@ def check_engine(setup: dict, device, dtype) -> list[Check]:
     return rows
 
 
+def check_sparse_adamw(setup: dict, device) -> list[Check]:
+    """hf_chts.SparseAdamW on the device: state bytes vs AdamW, weights equal to masked AdamW (fp32, 3 updates)."""
+    import torch
+
+    from hf_chts import SparseAdamW, SparseTrainingEngine, SparsifyConfig, sparsify
+
+    runs = {}
+    for name, optimizer_cls in (("adamw", torch.optim.AdamW), ("sparse", SparseAdamW)):
+        model = build_model(setup["model"], setup["seq"]).to(device)
+        sparsify(model, SparsifyConfig(method="set", target_density=ENGINE_CHECK_DENSITY, update_interval=1, seed=0))
+        optimizer = optimizer_cls(model.parameters(), lr=1e-3, weight_decay=0.1)  # torch's default kernel here
+        engine = SparseTrainingEngine(model, total_steps=4, optimizer=optimizer)
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            tokens = synthetic_batch(generator, setup["batch"], setup["seq"], setup["model"]["vocab_size"], device)
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            engine.step()
+        sync(device)
+        state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                    if torch.is_tensor(v))
+        runs[name] = (model, state, len(engine.history))
+        engine.close()
+    (reference, adamw_state, updates), (model, sparse_state, _) = runs["adamw"], runs["sparse"]
+    pairs = list(zip(reference.parameters(), model.parameters()))
+    exact = all(torch.equal(a, b) for a, b in pairs)
+    relative = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) for a, b in pairs)
+    ok = (exact or relative <= 1e-6) and updates >= 3 and sparse_state < adamw_state
+    return [Check("SparseAdamW: state bytes, == masked AdamW", passed(ok),
+                  f"{sparse_state / adamw_state:.3f}x AdamW state",
+                  f"{'bit-exact' if exact else f'max rel diff {relative:.1e}'} vs AdamW + masking after {updates} "
+                  f"updates (fp32, SET {ENGINE_CHECK_DENSITY:.0%}); {sparse_state / 2**20:.1f} vs "
+                  f"{adamw_state / 2**20:.1f} MiB")]
+
+
 def train_run(setup: dict, device, dtype, steps: int, sparse: bool) -> dict:
     """``steps`` training steps; for a sparse run also checks masks/densities after every step (untimed)."""
     import torch
@@ -359,6 +397,7 @@ def run_checks(args) -> list[Check]:
     if setup is None:
         return rows
     rows += attempt("engine", lambda: check_engine(setup, device, dtype)) or []
+    rows += attempt("SparseAdamW", lambda: check_sparse_adamw(setup, device)) or []
     dense = attempt("dense run", lambda: train_run(setup, device, dtype, args.dense_steps, sparse=False))
     sparse = attempt("CHTss run", lambda: train_run(setup, device, dtype, args.steps, sparse=True))
     if sparse is not None:

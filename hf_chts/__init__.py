@@ -3,6 +3,7 @@
 Public API::
 
     from hf_chts import SparsifyConfig, sparsify, CHTssTrainerCallback
+    from hf_chts import SparseAdamW, sparse_adamw_cls_and_kwargs
     from hf_chts import save_sparse, load_sparse, merge_lora, evaluate_model
     from hf_chts import to_sparse_inference
 
@@ -29,6 +30,8 @@ _EXPORTS = {
     "is_sparsified": "state",
     "SparseTrainingEngine": "engine",
     "CHTssTrainerCallback": "callback",
+    "SparseAdamW": "sparse_adamw",
+    "sparse_adamw_cls_and_kwargs": "sparse_adamw",
     "save_sparse": "checkpoint",
     "load_sparse": "checkpoint",
     "read_engine_state": "checkpoint",

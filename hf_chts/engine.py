@@ -139,9 +139,7 @@ class SparseTrainingEngine:
         self.history: list[UpdateStats] = []
         self.optimizer = None
         self._hook_handles: list = []
-        self._warned_state_dtype = False
-        self._warned_no_optimizer = False
-        self._warned_no_scheduler = False
+        self._warned_state_dtype = self._warned_no_optimizer = self._warned_no_scheduler = False
         self._restore: list = []  # undo actions for wrappers installed on the optimizer / scheduler
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._skip_next_optimizer_step = False
@@ -158,8 +156,8 @@ class SparseTrainingEngine:
 
         Gradients are masked before the step (unless the per-parameter hook already
         did it in a single process); weights are re-masked after the step only for
-        optimizers outside :data:`ZERO_PRESERVING_OPTIMIZERS`. The engine also resets
-        the optimizer state of removed and regrown links at each topology update.
+        optimizers outside :data:`ZERO_PRESERVING_OPTIMIZERS`. The engine also resets (or, through
+        the optimizer's ``repack``, re-packs) the state of changed links at each topology update.
         """
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -318,7 +316,7 @@ class SparseTrainingEngine:
             # when removal cut it and regrowth put it back. Everything else starts at 0.
             keep = masks[name] & pruned[name]
             reset_total += int((masks[name] & ~keep).sum())
-            self._apply_layer_update(layer, masks[name], keep)
+            self._apply_layer_update(layer, old_masks[name], masks[name], keep)
         stats = UpdateStats(
             step=step, target_density=density, density=self.density(),
             anp=sum(active.values()) / max(sum(total.values()), 1),
@@ -387,14 +385,16 @@ class SparseTrainingEngine:
             grown[block.rows] = block_grown.view_as(block_mask)
         return grown
 
-    def _apply_layer_update(self, layer: SparseLayerMixin, new_mask: torch.Tensor, keep: torch.Tensor) -> None:
-        """Write the mask; zero the weight and moments of every position outside ``keep`` (docs/algorithms.md §1)."""
+    def _apply_layer_update(self, layer: SparseLayerMixin, old_mask, new_mask, keep: torch.Tensor) -> None:
+        """Write the mask; zero the weight and moments of every position outside ``keep`` (docs/algorithms.md §1).
+        Optimizers with ``repack(weight, old_mask, new_mask, keep)`` re-pack their state (docs/sparse-optimizer.md)."""
         layer.set_mask(new_mask)
         keep = keep.to(layer.mask.device)  # links that keep their weight and moments
-        weight = layer.weight
-        weight_keep = layer.shard_like_weight(layer.storage_view(keep))
+        weight, weight_keep = layer.weight, layer.shard_like_weight(layer.storage_view(keep))
         zero_masked_(weight, weight_keep)  # cut links and newly grown links: exactly 0
-        if self.optimizer is not None:
+        if callable(getattr(self.optimizer, "repack", None)):  # storage-layout masks, e.g. hf_chts.SparseAdamW
+            self.optimizer.repack(weight, *(layer.storage_view(m.to(keep.device)) for m in (old_mask, new_mask, keep)))
+        elif self.optimizer is not None:
             for value in self.optimizer.state.get(weight, {}).values():
                 if not (torch.is_tensor(value) and value.shape == weight.shape):
                     continue

@@ -195,6 +195,12 @@ def zero_masked_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def layer_of_weight(weight: torch.Tensor) -> SparseLayerMixin | None:
+    """The sparsified layer whose ``weight`` this parameter is (set by :func:`convert_to_sparse`), else ``None``."""
+    layer = getattr(weight, "_hf_chts_layer", None)
+    return layer if isinstance(layer, SparseLayerMixin) and layer.weight is weight else None
+
+
 def _mask_grad_hook(param: torch.Tensor) -> None:
     layer = getattr(param, "_hf_chts_layer", None)
     if layer is not None and layer.mask_gradients:

@@ -242,3 +242,22 @@ def test_train_step_contenders_time_the_same_masked_layers():
     built, _ = speed.train_step.contenders(lambda: speed.build_llama(shape), "adamw", 0.3)
     targets = built[1].targets
     assert len(targets) == 7 * shape["layers"] and all(c.targets == targets for c in built[2:])
+
+
+@pytest.mark.slow  # six training subprocesses
+def test_sparse_adamw_quick(tmp_path):
+    import json
+
+    bench = load("sparse_adamw")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "sparse_adamw_quick.json").read_text())
+    assert [row["density"] for row in record["memory"]] == [0.3, 0.1, 0.05]
+    for row in record["memory"]:  # the sparsified layers' moments shrink with density; dense ones stay
+        assert row["sparse_adamw"]["state_bytes"] < row["adamw"]["state_bytes"]
+        assert finite(row["sparse_adamw"]["peak_rss"]) and row["sparse_adamw"]["peak_rss"] > 0
+    states = [row["sparse_adamw"]["state_bytes"] for row in record["memory"]]
+    assert states == sorted(states, reverse=True)
+    assert {(row["tokens"], row["variant"]) for row in record["time"]} == {
+        (tokens, label) for tokens in (512, 2048) for label in bench.LABELS}
+    assert all(finite(row["step_s"]) and row["step_s"] > row["optimizer_step_s"] > 0 for row in record["time"])
+    assert "SparseAdamW" in (tmp_path / "sparse_adamw_quick.txt").read_text()

@@ -17,7 +17,7 @@ TINY_ARGS = ["--device", "cpu", "--tiny", "--steps", "8", "--dense-steps", "4", 
              "--threads", "0",  # leave the test process's thread count alone
              "--max-step-ratio", "inf"]  # step time on a shared CPU is no test (benchmarks measure it)
 ROWS = ["device", "engine: masks on device", "engine: one topology update", "CH2-L3n scores: cpu == cpu",
-        "CH3-L3n scores: cpu == cpu", "bf16 CHTss run: loss finite", "bf16 CHTss run: loss decreases",
+        "CH3-L3n scores: cpu == cpu", "SparseAdamW: state bytes, == masked AdamW", "bf16 CHTss run: loss finite", "bf16 CHTss run: loss decreases",
         "CHTss: density follows schedule", "CHTss: final density = target", "CHTss: masked weights exactly 0",
         "CHTss: masks on device after run", "peak memory sparse / dense", "step time sparse / dense"]
 
@@ -97,3 +97,20 @@ def test_cuda_requested_without_cuda_fails(gpu_check, capsys):
         pytest.skip("this machine has CUDA")
     assert gpu_check.main(["--device", "cuda"]) == 1
     assert statuses(capsys.readouterr().out) == {"device": "FAIL"}
+
+
+def test_sparse_adamw_row_passes_and_fails_when_repack_loses_moments(gpu_check, monkeypatch):
+    from hf_chts.sparse_adamw import SparseAdamW
+
+    setup = gpu_check.load_setup(gpu_check.parse_args(TINY_ARGS))
+    (row,) = gpu_check.check_sparse_adamw(setup, torch.device("cpu"))
+    assert row.status == "PASS" and "bit-exact" in row.detail
+    assert float(row.value.split("x")[0]) < 0.75  # 30 % of the sparsified layers' moments + the dense ones (tiny: many)
+
+    def repack_zeroing(self, weight, old_mask, new_mask, keep):  # mutant: every link restarts at 0
+        for key in ("exp_avg", "exp_avg_sq"):
+            self.state[weight][key] = torch.zeros(int(new_mask.sum()))
+
+    monkeypatch.setattr(SparseAdamW, "repack", repack_zeroing)
+    (row,) = gpu_check.check_sparse_adamw(setup, torch.device("cpu"))
+    assert row.status == "FAIL"

@@ -28,6 +28,9 @@ RECIPE_COPY = "recipe.yaml"  # the resolved recipe (with overrides), written bef
 BUILTIN_CORPORA = ("pydoc_topics",)
 
 
+SPARSE_ADAMW_OPTIM = "hf_chts_sparse_adamw"  # training.optim value: hf_chts.SparseAdamW (docs/sparse-optimizer.md)
+
+
 @dataclass
 class RunSection:
     """Where the run goes and how it is identified."""

@@ -6,7 +6,7 @@ import os
 
 from ..config import SparsifyConfig
 from .data import LMData, collate_blocks
-from .schema import Recipe
+from .schema import SPARSE_ADAMW_OPTIM, Recipe
 from .validation import recipe_strategy_defaults
 
 
@@ -25,6 +25,8 @@ def training_arguments(recipe: Recipe, *, world_size: int | None = None):
     from transformers import TrainingArguments
 
     values = dict(recipe.training)
+    if values.get("optim") == SPARSE_ADAMW_OPTIM:
+        del values["optim"]  # build_trainer() passes hf_chts.SparseAdamW; its kernel follows the default optim
     world_size = world_size or _world_size()
     cuda = torch.cuda.is_available()
     values.setdefault("use_cpu", not cuda)
@@ -46,13 +48,20 @@ def training_arguments(recipe: Recipe, *, world_size: int | None = None):
 
 
 def build_trainer(recipe: Recipe, model, tokenizer, data: LMData, callback, args=None):
-    """A ``transformers.Trainer`` on the packed blocks with the sparse-training callback."""
+    """A ``transformers.Trainer`` on the packed blocks with the sparse-training callback
+    (and ``hf_chts.SparseAdamW`` when ``training.optim: hf_chts_sparse_adamw``)."""
     from transformers import Trainer
 
     args = args if args is not None else training_arguments(recipe)
+    optimizer = None
+    if recipe.training.get("optim") == SPARSE_ADAMW_OPTIM:
+        from ..sparse_adamw import sparse_adamw_cls_and_kwargs
+
+        optimizer = sparse_adamw_cls_and_kwargs(args)
     return Trainer(model=model, args=args, train_dataset=data.train,
                    eval_dataset=data.validation if recipe.eval.perplexity else None,
-                   data_collator=collate_blocks, processing_class=tokenizer, callbacks=[callback])
+                   data_collator=collate_blocks, processing_class=tokenizer, callbacks=[callback],
+                   optimizer_cls_and_kwargs=optimizer)
 
 
 def make_callback(recipe: Recipe, config: SparsifyConfig):

@@ -14,8 +14,8 @@ import os
 from ..suggest import did_you_mean
 from .presets import MODEL_PRESETS, model_settings
 from .schema import (
-    BUILTIN_CORPORA, NESTED_SECTIONS, SECTIONS, TRAINING_RESERVED, Recipe, section_class, section_keys,
-    sparsify_config, unknown_key_error,
+    BUILTIN_CORPORA, NESTED_SECTIONS, SECTIONS, SPARSE_ADAMW_OPTIM, TRAINING_RESERVED, Recipe, section_class,
+    section_keys, sparsify_config, unknown_key_error,
 )
 from .typed import NULL_TOKENS, typed_values
 
@@ -52,7 +52,8 @@ def _typed_mapping(section: str, values, where: str) -> dict:
     """The ``sparsify`` / ``training`` mapping with every value typed by its dataclass's ``HfArgumentParser``."""
     values = dict(_mapping(values, section, where))
     _check_keys(values, section_keys(section), section, where)
-    auto = {key: values.pop(key) for key in ("bf16",) if section == "training" and values.get(key) == "auto"}
+    special = (("bf16", "auto"), ("optim", SPARSE_ADAMW_OPTIM))  # values TrainingArguments does not know
+    auto = {key: values.pop(key) for key, value in special if section == "training" and values.get(key) == value}
     return {**typed_values(section_class(section), values, section, where), **auto}
 
 
@@ -214,6 +215,11 @@ def _construct_training_arguments(training: dict, where: str) -> None:
     values = dict(training)
     if values.get("bf16") == "auto":
         values["bf16"] = False  # resolved per machine by training_arguments()
+    if values.get("optim") == SPARSE_ADAMW_OPTIM:
+        del values["optim"]  # hf_chts.SparseAdamW, passed to the Trainer by build_trainer()
+        if values.get("fsdp"):
+            raise ValueError(f"{where}: training.optim = {SPARSE_ADAMW_OPTIM} does not support FSDP2 (training.fsdp); "
+                             "remove one of them")
     environ = dict(os.environ)
     try:
         with tempfile.TemporaryDirectory(prefix="hf_chts_check_") as tmp:
