@@ -345,7 +345,8 @@ def eval_command(args) -> int:
     from lm_eval.loggers import EvaluationTracker
     from transformers import AutoTokenizer
 
-    from .checkpointing.loading import load_sparse, resolve_checkpoint, verified_record
+    from .checkpoint import load_sparse
+    from .checkpointing.loading import resolve_checkpoint, verified_record
 
     model_args = parse_model_args(getattr(args, "model_args", None))
     device = check_device(model_args.get("device") or getattr(args, "device", None) or best_device())
@@ -384,10 +385,12 @@ def eval_command(args) -> int:
 def _add_results_to_card(checkpoint: str, folder: Path, model: nn.Module, results: dict) -> None:
     """Rewrite the hf_chts model card of a local checkpoint folder with the evaluation results
     (docs/hub.md#2-the-model-card); a README hf_chts did not write, or a Hub cache copy, is left alone."""
+    from .checkpointing.format import read_sparsify_config
     from .model_card import CARD_FILE, card_owner, write_model_card
 
     if Path(checkpoint).expanduser().is_dir() and card_owner(folder / CARD_FILE) == "hf_chts":
-        write_model_card(folder, model=model, eval_results=finite_metrics(results))
+        write_model_card(folder, record=read_sparsify_config(folder), model=model,
+                         eval_results=finite_metrics(results))
         print(f"model card updated: {folder / CARD_FILE}")
 
 

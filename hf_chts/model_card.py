@@ -1,8 +1,8 @@
 """The model card (``README.md``) every sparse save writes (docs/hub.md#2-the-model-card).
 
 :func:`write_model_card` builds a ``huggingface_hub.ModelCard`` from a checkpoint
-folder (``config.json`` and the ``sparsify_config.json`` record,
-docs/checkpoint-format.md) plus what only the caller knows (the model's ANP,
+folder's ``config.json`` and file list, the ``sparsify_config.json`` record the caller
+passes (docs/checkpoint-format.md; this module reads no checkpoint format) and what only the caller knows (the model's ANP,
 evaluation results, tokens trained) and writes it into that folder. It never
 replaces a README that hf_chts did not write, unless told to: a card written by
 hf_chts carries the marker ``hf_chts: {generated_card: true}`` in its YAML
@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .checkpointing.format import CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, read_sparsify_config
+from .checkpoint_files import CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE
 from .io_utils import atomic_write_text
 from .report import sparsity_report
 from .state import find_state
@@ -112,13 +112,13 @@ def _files_section(files: list[str], compact: bool, version: Any) -> str:
             f"specified in `{FORMAT_SPEC}` of the hf_chts package.")
 
 
-def build_model_card(folder: str | os.PathLike, *, record: dict | None = None, model: nn.Module | None = None,
+def build_model_card(folder: str | os.PathLike, *, record: dict | None, model: nn.Module | None = None,
                      eval_results: dict[str, dict[str, float]] | None = None, tokens_trained: int | None = None,
                      repo_id: str | None = None, base_model: str | None = None, appendix: str | None = None):
     """The ``huggingface_hub.ModelCard`` of the sparse checkpoint in ``folder`` (not written).
 
-    ``record`` is the checkpoint's ``sparsify_config.json`` record (default: read from
-    ``folder``; a save that writes the card before the record passes it).
+    ``record`` is the checkpoint's ``sparsify_config.json`` record (a save writes the card before
+    the record; for a saved folder, ``hf_chts.checkpoint.read_sparsify_config(folder)``).
 
     ``model`` (the sparsified model that was saved) gives the ANP; without it the
     ANP of the last topology update recorded in the engine history is used.
@@ -130,7 +130,6 @@ def build_model_card(folder: str | os.PathLike, *, record: dict | None = None, m
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    record = read_sparsify_config(folder) if record is None else record
     if record is None:
         raise ValueError(f"{folder} has no {CONFIG_FILE}: not a sparse checkpoint, no card to build")
     config, summary, engine = record["config"], record.get("summary") or {}, record.get("engine") or {}

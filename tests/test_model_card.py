@@ -13,7 +13,7 @@ from trainer_utils import make_trainer
 
 import hf_chts
 from hf_chts import SparsifyConfig, sparsify, sparsity_report
-from hf_chts.checkpoint import export_command
+from hf_chts.checkpoint import export_command, read_sparsify_config
 from hf_chts.model_card import build_model_card, card_owner, write_model_card
 
 USER_README = "# My model\n\nWritten by hand.\n"
@@ -107,7 +107,8 @@ def test_card_owner_of_unusual_files(tmp_path):
 def test_evaluation_results_table_and_model_index(tmp_path, make_tiny_model):
     folder = hf_chts.save_sparse(sparse_llama(make_tiny_model), tmp_path / "ckpt")
     assert "No evaluation results" in card_of(folder)[1]
-    write_model_card(folder, eval_results={"arc_easy": {"acc": 0.25, "acc_norm": 0.5}}, repo_id="me/sparse")
+    write_model_card(folder, record=read_sparsify_config(folder),
+                     eval_results={"arc_easy": {"acc": 0.25, "acc_norm": 0.5}}, repo_id="me/sparse")
     meta, text = card_of(folder)
     assert "| arc_easy | acc | 0.2500 |" in text and "| arc_easy | acc_norm | 0.5000 |" in text
     results = meta["model-index"][0]["results"]
@@ -151,7 +152,7 @@ def test_write_sparsity_files_writes_the_card_too(tmp_path, make_tiny_model):
 
 def test_build_model_card_needs_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="has no sparsify_config.json"):
-        build_model_card(tmp_path)
+        build_model_card(tmp_path, record=None)
 
 
 

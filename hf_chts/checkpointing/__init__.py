@@ -1,6 +1,6 @@
 """Sparse checkpoints, split by job: ``format`` (files, encoding, validation), ``saving``
 (``save_sparse``, the ``save_pretrained`` hook), ``compact`` (live values only), ``loading``
-(``load_sparse``, the Hub) and ``tools`` (``hf-chts inspect`` / ``export``).
+(the masked model, the Hub) and ``tools`` (``hf-chts inspect`` / ``export``).
 
 The public API is re-exported by :mod:`hf_chts.checkpoint`. This package's
 ``__init__`` imports nothing, so :mod:`hf_chts.model` can import

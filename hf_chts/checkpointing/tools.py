@@ -14,7 +14,7 @@ from ..model import modules_named
 from ..topology.percolation import active_neurons
 from .format import CONFIG_FILE, SPARSITY_FILE, config_from_record, module_name_of, read_masks
 from .loading import (
-    check_model_files, load_sparse, quiet_transformers, resolve_checkpoint, validate_masks, verified_record,
+    check_model_files, load_masked_model, quiet_transformers, resolve_checkpoint, validate_masks, verified_record,
 )
 from .saving import write_checkpoint
 
@@ -150,7 +150,7 @@ def export_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *, f
     folder = resolve_checkpoint(source)
     if not (folder / SPARSITY_FILE).exists():
         raise ValueError(f"{folder} has no {SPARSITY_FILE}: it is not a sparse checkpoint, nothing to export")
-    model = load_sparse(folder, dtype="auto")
+    model = load_masked_model(folder, dtype="auto")
     tokenizer = None
     if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         try:
