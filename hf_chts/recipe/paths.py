@@ -1,4 +1,4 @@
-"""A recipe's input paths (text files, local datasets and tokenizers) and its output folder."""
+"""A recipe's input paths (data files, local datasets, tokenizers and model configs) and its output folder."""
 
 from __future__ import annotations
 
@@ -12,19 +12,20 @@ from pathlib import Path
 import yaml
 
 from ..io_utils import atomic_write_text, looks_like_local_path
+from .models import check_model_source
 from .resume import check_resume_matches
 from .run_folder import RUN_MARKER, clear_run_folder, overwrite_refusal, read_run_marker, write_run_marker
 from .schema import RECIPE_COPY, SUMMARY_FILE, Recipe
 
-def resolve_text_files(patterns: list[str]) -> list[str]:
-    """Expand globs; every entry must match at least one existing file."""
+def resolve_text_files(patterns: list[str], field: str = "data.text_files") -> list[str]:
+    """Expand globs; every entry must match at least one existing file (errors name ``field``)."""
     files: list[str] = []
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else ([expanded] if os.path.isfile(expanded) else [])
         if not matches:
             kind = "pattern matches no file" if glob.has_magic(expanded) else "file does not exist"
-            raise FileNotFoundError(f"data.text_files: {pattern!r}: {kind} (relative paths resolve against "
+            raise FileNotFoundError(f"{field}: {pattern!r}: {kind} (relative paths resolve against "
                                     f"the working directory {os.getcwd()})")
         files.extend(os.path.abspath(m) for m in matches)
     return files
@@ -34,9 +35,12 @@ def check_input_paths(recipe: Recipe) -> None:
     data = recipe.data
     if data.text_files:
         data.text_files = resolve_text_files(data.text_files)
+    if data.data_files:
+        data.data_files = resolve_text_files(data.data_files, "data.data_files")
     if data.dataset and looks_like_local_path(data.dataset) and not os.path.exists(os.path.expanduser(data.dataset)):
         raise FileNotFoundError(f"data.dataset: local path {data.dataset!r} does not exist (a Hub dataset is named "
                                 "'org/name', e.g. Skylion007/openwebtext)")
+    check_model_source(recipe)
     name = recipe.tokenizer.name
     if name and looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
         raise FileNotFoundError(f"tokenizer.name: local path {name!r} does not exist")

@@ -56,7 +56,8 @@ def main(argv=None):
     if state.is_main_process:
         print(f"data: {data.stats}")
 
-    # 3. Model: a LlamaConfig from the preset (+ overrides), randomly initialised.
+    # 3. Model: a LlamaConfig from the preset, or the config of model.name_or_path (+ overrides), randomly
+    #    initialised: pretraining from scratch.
     model = R.build_model(recipe, tokenizer)
     print(f"[rank {state.process_index}] model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
