@@ -342,6 +342,11 @@ def _saved_results_file(tracker) -> Path:
 
 def eval_command(args) -> int:
     """``hf-chts eval <checkpoint-or-repo> --tasks t1,t2 [--model-args dtype=...,device=...] [--output-path p]``."""
+    from .errors import UserError
+    from .extras import missing_extra
+
+    if missing_extra("lm_eval"):
+        raise UserError(f"hf-chts eval runs lm-eval: {missing_extra('lm_eval')}")
     from lm_eval.loggers import EvaluationTracker
     from transformers import AutoTokenizer
 

@@ -11,6 +11,7 @@ in-memory vs reloaded comparison is skipped.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -21,11 +22,14 @@ import torch
 from .. import checkpoint, evaluation
 from ..checkpointing.format import weight_key
 from ..checkpointing.saving import write_sparsity_files
+from ..extras import missing_extra
 from ..layers import sparse_layers, zero_masked_
 from ..model import sparsity_report
 from .data import LMData, collate_blocks
 from .schema import Recipe
 from .summary import FINAL_DIR, build_summary, write_summary
+
+logger = logging.getLogger("hf_chts")
 
 
 # ---------------------------------------------------------------- collective steps (every process)
@@ -95,7 +99,11 @@ def check_reload(recipe: Recipe, model, reloaded, data: LMData, final_dir: Path)
 
 
 def run_lm_eval(recipe: Recipe, model, tokenizer, data: LMData) -> dict[str, Any] | None:
-    """lm-eval tasks (and tasks built from held-out text) on ``model``; main process only."""
+    """lm-eval tasks (and tasks built from held-out text) on ``model``; main process only.
+
+    Without lm-eval (the base install) the tasks are written but not run: a warning names the
+    ``[eval]`` extra, and the record says ``skipped`` (the summary prints the command to run them later).
+    """
     tasks = list(recipe.eval.tasks)
     include_path = None
     if recipe.eval.local_task_from_heldout:
@@ -104,6 +112,11 @@ def run_lm_eval(recipe: Recipe, model, tokenizer, data: LMData) -> dict[str, Any
         tasks.extend(evaluation.write_local_tasks(include_path, texts, seed=recipe.run.seed))
     if not tasks:
         return None
+    missing = missing_extra("lm_eval")
+    if missing:
+        logger.warning("hf_chts: skipping the lm-eval step (tasks %s): %s", ", ".join(tasks), missing)
+        return {"tasks": tasks, "include_path": str(include_path) if include_path else None, "metrics": {},
+                "skipped": missing}
     device = str(next(model.parameters()).device)
     results = evaluation.evaluate_model(model, tokenizer, tasks, include_path=include_path,
                                         batch_size=recipe.eval.batch_size, limit=recipe.eval.limit, device=device)
