@@ -50,7 +50,8 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     if note is not None:
         raise FileNotFoundError(f"checkpoint folder {text} does not exist: {note}")
     if looks_like_local_path(text):
-        raise FileNotFoundError(f"checkpoint folder {text} does not exist")
+        raise FileNotFoundError(f"no such folder {text!r}: the checkpoint folder does not exist (relative paths "
+                                f"resolve against {Path.cwd()}; a Hub repo id is 'org/name')")
     from huggingface_hub import constants, snapshot_download
 
     offline = constants.is_offline_mode() if local_files_only is None else bool(local_files_only)
