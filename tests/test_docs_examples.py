@@ -39,3 +39,15 @@ def test_inference_page_example_runs(tmp_path):
     with contextlib.redirect_stdout(printed):
         exec(compile(code.replace('"runs/tiny-llama-cpu/final"', repr(str(folder))), "inference.md", "exec"), {})
     assert printed.getvalue().startswith("The for statement")
+
+
+def test_bench_readme_has_no_internal_references_and_numbers_its_sections_in_order():
+    """bench/README.md is for readers of the repository: no internal issue numbers or paths of the machine
+    it ran on, one transformers version, sections numbered in the order they appear, no stale line numbers."""
+    text = (DOCS.parent / "bench" / "README.md").read_text(encoding="utf-8")
+    assert not re.findall(r"\bissues? \d+", text)
+    assert not re.findall(r"(?<![\w.])/(?:work|tmp|home|root)/", text)
+    assert len(set(re.findall(r"transformers (\d+\.\d+(?:\.\d+)?)", text))) == 1
+    assert not re.findall(r"\bl\.\d+", text)  # line numbers of code that has moved on
+    numbers = [int(n) for n in re.findall(r"^## (\d+)\.", text, flags=re.M)]
+    assert numbers == list(range(1, len(numbers) + 1))
