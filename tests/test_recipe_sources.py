@@ -125,8 +125,19 @@ def test_save_to_disk_folder_with_its_splits(tmp_path):
     assert sorted(corpus.train["text"]) == sorted(documents(40))
     assert sorted(corpus.validation["text"]) == sorted(documents(8, start=100))
     raw["data"]["validation_split"] = "valid"
-    with pytest.raises(ValueError, match=r"data.validation_split = 'valid' is not a split .*validation"):
+    with pytest.raises(ValueError, match=r"recipe.yaml: data.validation_split = 'valid' is not a split .*validation"):
         R.load_corpus(load(tmp_path, raw))
+
+
+def test_a_missing_text_column_names_the_file_the_field_and_the_columns(tmp_path):
+    write_jsonl(tmp_path / "corpus.jsonl", documents(10))
+    recipe = load(tmp_path, recipe_dict(tmp_path, {"data_files": [str(tmp_path / "corpus.jsonl")],
+                                                   "text_column": "contents"}))
+    with pytest.raises(ValueError, match=r"recipe.yaml: data.text_column = 'contents' is not a column of .*"
+                                         r"one of the columns: id, content.*did you mean 'content'"):
+        R.load_corpus(recipe)
+    with pytest.raises(FileNotFoundError, match=r"recipe.yaml: data.data_files: .*nothing.*\.jsonl.*matches no file"):
+        load(tmp_path, recipe_dict(tmp_path, {"data_files": [str(tmp_path / "nothing*.jsonl")]}))
 
 
 def test_packing_is_batched_file_backed_and_cached_by_fingerprint(tmp_path, monkeypatch):
@@ -214,6 +225,8 @@ def test_model_values_are_checked_with_the_file_field_and_fix(tmp_path):
          r"section 'model': the gpt2 model cannot be built"),
         ({"preset": "llama-tiny", "config_overrides": {"rope_thetaa": 1.0}}, ValueError,
          r"model.config_overrides.rope_thetaa: the llama config has no setting"),
+        ({"name_or_path": str(folder), "max_position_embeddings": 8}, ValueError,
+         r"model.max_position_embeddings = 8 .* is below data.block_size = 16; raise it or lower"),
     ]
     for model, kind, message in cases:
         with pytest.raises(kind, match=message) as error:

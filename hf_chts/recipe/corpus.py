@@ -99,7 +99,8 @@ def load_corpus(recipe: Recipe) -> Corpus:
         full = _load_files(data.data_files, builder, data, data.streaming)
         column = "text" if builder == "text" else column
     elif is_saved_dataset(data.dataset):
-        full = load_saved_dataset(data.dataset, data.train_split, "data.train_split", data.streaming)
+        full = load_saved_dataset(data.dataset, data.train_split, f"{recipe.source or 'recipe'}: data.train_split",
+                                  data.streaming)
     else:
         kwargs = dict(path=data.dataset, name=data.dataset_config, split=data.train_split, streaming=data.streaming)
         try:
@@ -112,8 +113,8 @@ def load_corpus(recipe: Recipe) -> Corpus:
     source = data.dataset or data.data_files or data.text_files or data.builtin
     names = list(full.column_names or []) if getattr(full, "column_names", None) else None
     if names is not None and column not in names:
-        raise ValueError(f"data.text_column = {column!r} is not a column of {source}; "
-                         f"columns: {', '.join(names)}{did_you_mean(column, names)}")
+        raise ValueError(f"{recipe.source or 'recipe'}: data.text_column = {column!r} is not a column of {source}; "
+                         f"set it to one of the columns: {', '.join(names)}{did_you_mean(column, names)}")
     if column != "text":
         full = full.rename_column(column, "text")
     if names is not None and len(names) > 1:
@@ -122,8 +123,8 @@ def load_corpus(recipe: Recipe) -> Corpus:
 
     if data.validation_split:
         if is_saved_dataset(data.dataset):
-            validation = load_saved_dataset(data.dataset, data.validation_split, "data.validation_split",
-                                            data.streaming)
+            validation = load_saved_dataset(data.dataset, data.validation_split,
+                                            f"{recipe.source or 'recipe'}: data.validation_split", data.streaming)
         else:
             validation = datasets.load_dataset(path=data.dataset, name=data.dataset_config,
                                                split=data.validation_split, streaming=data.streaming)

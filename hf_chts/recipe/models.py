@@ -68,6 +68,7 @@ def check_model_source(recipe: Recipe) -> None:
     where = recipe.source or "recipe"
     if recipe.model.name_or_path:
         config = pretrained_config(recipe.model, where)
+        check_positions(config, recipe, where)
     else:
         settings = model_settings(recipe.model)
         settings["vocab_size"] = settings["vocab_size"] or 256  # the tokenizer's size is not known yet
@@ -117,7 +118,8 @@ def model_config(recipe: Recipe, vocab_size: int | None = None, tokenizer=None):
         special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     config = LlamaConfig(**settings, **special)
-    apply_config_settings(config, recipe.model.config_overrides or {}, "model.config_overrides", recipe.source or "recipe")
+    apply_config_settings(config, recipe.model.config_overrides or {}, "model.config_overrides",
+                          recipe.source or "recipe")
     return config
 
 
@@ -131,11 +133,16 @@ def _named_model_config(recipe: Recipe, tokenizer):
                              f"than the tokenizer's {len(tokenizer)} tokens; set model.vocab_size: {len(tokenizer)}")
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(config, key, getattr(tokenizer, key))
+    check_positions(config, recipe, where)
+    return config
+
+
+def check_positions(config, recipe: Recipe, where: str = "recipe") -> None:
+    """A ``name_or_path`` model must take ``data.block_size`` tokens (its ``max_position_embeddings``)."""
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and positions < recipe.data.block_size:
         raise ValueError(f"{where}: model.max_position_embeddings = {positions} (from {recipe.model.name_or_path!r}) "
                          f"is below data.block_size = {recipe.data.block_size}; raise it or lower data.block_size")
-    return config
 
 
 def parameter_count(preset: str, vocab_size: int | None = None, **overrides) -> dict[str, int]:

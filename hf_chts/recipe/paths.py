@@ -32,18 +32,24 @@ def resolve_text_files(patterns: list[str], field: str = "data.text_files") -> l
 
 
 def check_input_paths(recipe: Recipe) -> None:
+    """Every local input exists (data files and globs, dataset and tokenizer folders) and the model config
+    loads; ``FileNotFoundError`` / ``ValueError`` naming the recipe file, the field and the fix."""
+    where = recipe.source or "recipe"
     data = recipe.data
-    if data.text_files:
-        data.text_files = resolve_text_files(data.text_files)
-    if data.data_files:
-        data.data_files = resolve_text_files(data.data_files, "data.data_files")
+    try:
+        if data.text_files:
+            data.text_files = resolve_text_files(data.text_files)
+        if data.data_files:
+            data.data_files = resolve_text_files(data.data_files, "data.data_files")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{where}: {error}") from error
     if data.dataset and looks_like_local_path(data.dataset) and not os.path.exists(os.path.expanduser(data.dataset)):
-        raise FileNotFoundError(f"data.dataset: local path {data.dataset!r} does not exist (a Hub dataset is named "
-                                "'org/name', e.g. Skylion007/openwebtext)")
+        raise FileNotFoundError(f"{where}: data.dataset: local path {data.dataset!r} does not exist (a Hub dataset "
+                                "is named 'org/name', e.g. Skylion007/openwebtext)")
     check_model_source(recipe)
     name = recipe.tokenizer.name
     if name and looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
-        raise FileNotFoundError(f"tokenizer.name: local path {name!r} does not exist")
+        raise FileNotFoundError(f"{where}: tokenizer.name: local path {name!r} does not exist")
 
 
 def _comparable(recipe_dict: dict) -> dict:
