@@ -367,10 +367,16 @@ def results_output_path(requested: str | None, folder: Path) -> str:
 def eval_command(args) -> int:
     """``hf-chts eval <checkpoint-or-repo> --tasks t1,t2 [--model-args dtype=...,device=...] [--output-path p]
     [--update-card]``: the checkpoint is read only, unless ``--update-card`` asks to add the results to its card."""
+    from .errors import UserError
+    from .extras import missing_extra
+
+    if missing_extra("lm_eval"):
+        raise UserError(f"hf-chts eval runs lm-eval: {missing_extra('lm_eval')}")
     from lm_eval.loggers import EvaluationTracker
     from transformers import AutoTokenizer
 
-    from .checkpointing.loading import load_sparse, resolve_checkpoint, verified_record
+    from .checkpoint import load_sparse
+    from .checkpointing.loading import resolve_checkpoint, verified_record
 
     model_args = parse_model_args(getattr(args, "model_args", None))
     device = check_device(model_args.get("device") or getattr(args, "device", None) or best_device())

@@ -126,7 +126,7 @@ class ConfigHubMixin:
             return cls.from_file(local)  # a path to the file itself
         text = str(name_or_path)
         if looks_like_local_path(text):
-            raise FileNotFoundError(f"{text} does not exist")
+            raise FileNotFoundError(f"no such folder {text!r}: it does not exist (a Hub repo id is 'org/name')")
         from huggingface_hub import hf_hub_download
 
         try:

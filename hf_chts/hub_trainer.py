@@ -24,7 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpointing.format import CONFIG_FILE, SPARSITY_FILE
+from .checkpointing.format import CONFIG_FILE, SPARSITY_FILE, read_sparsify_config
 from .model_card import CARD_FILE, card_owner, write_model_card
 
 
@@ -53,7 +53,7 @@ def prepare_trainer_push(args, state, model: nn.Module | None) -> list[str]:
         _copy_atomically(checkpoint / name, output_dir / name)
         written.append(name)
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) or None
-    if write_model_card(output_dir, model=model, tokens_trained=tokens, repo_id=_repo_name(args)) is not None:
+    if write_model_card(output_dir, record=read_sparsify_config(output_dir), model=model, tokens_trained=tokens, repo_id=_repo_name(args)) is not None:
         written.append(CARD_FILE)
     return written
 
@@ -80,7 +80,7 @@ def keep_sparse_card(trainer, model: nn.Module | None = None) -> None:
             draft = ModelCard.load(readme, ignore_metadata_errors=True).text
             draft = "\n".join(("#" + line if line.startswith("#") else line) for line in draft.splitlines())
             tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) or None
-            write_model_card(readme.parent, model=model if model is not None else trainer.model,
+            write_model_card(readme.parent, record=read_sparsify_config(readme.parent), model=model if model is not None else trainer.model,
                              tokens_trained=tokens, repo_id=trainer.hub_model_id or _repo_name(trainer.args),
                              appendix="## Training details (from transformers.Trainer)\n\n" + draft.strip())
         return result

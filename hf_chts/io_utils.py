@@ -49,9 +49,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def looks_like_local_path(text: str) -> bool:
     """True for a filesystem path rather than a Hub id (``name`` or ``org/name``).
 
-    Hub ids never start with ``.``, ``/`` or ``~``, hold at most one ``/`` and no ``\\``.
+    Hub ids never start with ``.``, ``/`` or ``~``, hold at most one ``/`` and no ``\\``. An ``org/name``
+    whose ``org`` is a folder here is a local path too: a mistyped ``runs/fnal`` is then reported as
+    "no such folder" instead of being looked up on the Hub.
     """
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        return True
+    first, slash, _ = text.partition("/")
+    return bool(slash) and os.path.isdir(first)
 
 
 #: pseudo-filesystems whose "regular" files report a size of 0 and may block a reader (``/proc/kmsg``)

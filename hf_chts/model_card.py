@@ -1,8 +1,8 @@
 """The model card (``README.md``) every sparse save writes (docs/hub.md#2-the-model-card).
 
 :func:`write_model_card` builds a ``huggingface_hub.ModelCard`` from a checkpoint
-folder (``config.json`` and the ``sparsify_config.json`` record,
-docs/checkpoint-format.md) plus what only the caller knows (the model's ANP,
+folder's ``config.json`` and file list, the ``sparsify_config.json`` record the caller
+passes (docs/checkpoint-format.md; this module reads no checkpoint format) and what only the caller knows (the model's ANP,
 evaluation results, tokens trained) and writes it into that folder. It never
 replaces a README that hf_chts did not write, unless told to: a card written by
 hf_chts carries the marker ``hf_chts: {generated_card: true}`` in its YAML
@@ -20,18 +20,18 @@ from typing import Any
 
 from torch import nn
 
-from .checkpointing.format import CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE, read_sparsify_config
+from .checkpoint_files import CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE
 from .io_utils import atomic_write_text, read_bounded_bytes
 from .report import sparsity_report
 from .state import find_state
-from .version import __version__
+from .version import REPOSITORY_URL, __version__
 
 logger = logging.getLogger("hf_chts.checkpoint")  # the logger name users configure for checkpoint messages
 
 CARD_FILE = "README.md"
 MARKER_KEY = "hf_chts"
 TAGS = ("hf_chts", "sparse", "dynamic-sparse-training")
-FORMAT_SPEC = "docs/checkpoint-format.md"
+FORMAT_SPEC = f"{REPOSITORY_URL}/blob/main/docs/checkpoint-format.md"  # the wheel ships no docs/
 # transformers.Trainer.create_model_card ends its draft card with this comment (transformers/modelcard.py)
 TRAINER_DRAFT_MARK = "This model card has been generated automatically according to the information the Trainer"
 
@@ -78,6 +78,12 @@ def _eval_metadata(eval_results: dict[str, dict[str, float]]) -> list:
             if isinstance(value, (int, float)) and math.isfinite(float(value))]
 
 
+def load_location(name: str, repo_id: str | None) -> str:
+    """What the card's snippets load: the Hub repo id when known (``org/name``), else a local path to fill in
+    (a bare folder name would be looked up on the Hub)."""
+    return repo_id if repo_id and "/" in repo_id else f"path/to/{name}"
+
+
 def _load_section(name: str, compact: bool) -> str:
     sparse = (f"```python\nimport hf_chts\n\nmodel = hf_chts.load_sparse(\"{name}\")  # masks and SparsifyConfig "
               "restored: training can continue sparse\n```")
@@ -109,28 +115,28 @@ def _files_section(files: list[str], compact: bool, version: Any) -> str:
             lines.append(f"- `{name}`: the tokenizer")
     lines.append(f"- `{CARD_FILE}`: this card")
     return ("\n".join(lines) + f"\n\nThe layout is the hf_chts sparse checkpoint format (version {version}), "
-            f"specified in `{FORMAT_SPEC}` of the hf_chts package.")
+            f"specified in [docs/checkpoint-format.md]({FORMAT_SPEC}) of the hf_chts repository.")
 
 
-def build_model_card(folder: str | os.PathLike, *, record: dict | None = None, model: nn.Module | None = None,
+def build_model_card(folder: str | os.PathLike, *, record: dict | None, model: nn.Module | None = None,
                      eval_results: dict[str, dict[str, float]] | None = None, tokens_trained: int | None = None,
                      repo_id: str | None = None, base_model: str | None = None, appendix: str | None = None):
     """The ``huggingface_hub.ModelCard`` of the sparse checkpoint in ``folder`` (not written).
 
-    ``record`` is the checkpoint's ``sparsify_config.json`` record (default: read from
-    ``folder``; a save that writes the card before the record passes it).
+    ``record`` is the checkpoint's ``sparsify_config.json`` record (a save writes the card before
+    the record; for a saved folder, ``hf_chts.checkpoint.read_sparsify_config(folder)``).
 
     ``model`` (the sparsified model that was saved) gives the ANP; without it the
     ANP of the last topology update recorded in the engine history is used.
-    ``eval_results`` is ``{task: {metric: value}}``; ``repo_id`` names the model in
-    the loading snippets (default: the folder name); ``base_model`` (a Hub id) goes into the metadata;
+    ``eval_results`` is ``{task: {metric: value}}``; ``repo_id`` names the model (default: the folder
+    name) and, when it is a Hub id (``org/name``), is what the loading snippets load (else they show
+    ``path/to/<name>`` to fill in); ``base_model`` (a Hub id) goes into the metadata;
     ``appendix`` (markdown) ends the card (the Trainer's training details,
     docs/hub.md#3-pushes-carry-the-sparsity-files).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    record = read_sparsify_config(folder) if record is None else record
     if record is None:
         raise ValueError(f"{folder} has no {CONFIG_FILE}: not a sparse checkpoint, no card to build")
     config, summary, engine = record["config"], record.get("summary") or {}, record.get("engine") or {}
@@ -144,6 +150,7 @@ def build_model_card(folder: str | os.PathLike, *, record: dict | None = None, m
     anp = sparsity_report(model).anp if model is not None and find_state(model) is not None else (
         history[-1].get("anp") if history else None)
     name = repo_id or folder.resolve().name
+    location = load_location(name, repo_id)
     eval_results = {task: dict(metrics) for task, metrics in (eval_results or {}).items() if metrics}
     schedule = engine.get("schedule") or {}
     method = config.get("method")
@@ -189,7 +196,7 @@ def build_model_card(folder: str | os.PathLike, *, record: dict | None = None, m
     ]
     table = "\n".join(["| | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in rows])
     evaluation = (_eval_table(eval_results) if eval_results else
-                  f"No evaluation results were recorded with this save; `hf-chts eval {name} --tasks ...` "
+                  f"No evaluation results were recorded with this save; `hf-chts eval {location} --tasks ...` "
                   "measures them with lm-eval (`--update-card` adds them here).")
     files = sorted({p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")} | {CONFIG_FILE})
     body = f"""
@@ -202,7 +209,7 @@ sparsified linear layers keep a fraction {_number(summary.get('density'))} of th
 
 {table}
 
-The full `SparsifyConfig` is in `{CONFIG_FILE}` (`hf_chts.SparsifyConfig.from_pretrained("{name}")`).
+The full `SparsifyConfig` is in `{CONFIG_FILE}` (`hf_chts.SparsifyConfig.from_pretrained("{location}")`).
 
 ## Evaluation
 
@@ -210,7 +217,7 @@ The full `SparsifyConfig` is in `{CONFIG_FILE}` (`hf_chts.SparsifyConfig.from_pr
 
 ## How to load
 
-{_load_section(name, compact)}
+{_load_section(location, compact)}
 
 ## Files
 

@@ -13,8 +13,9 @@ from trainer_utils import make_trainer
 
 import hf_chts
 from hf_chts import SparsifyConfig, sparsify, sparsity_report
-from hf_chts.checkpoint import export_command
+from hf_chts.checkpoint import export_command, read_sparsify_config
 from hf_chts.model_card import build_model_card, card_owner, write_model_card
+from hf_chts.version import REPOSITORY_URL
 
 USER_README = "# My model\n\nWritten by hand.\n"
 
@@ -52,10 +53,13 @@ def test_save_sparse_writes_a_card_with_metadata_and_facts(tmp_path, make_tiny_m
     assert table_value(text, "ANP (active-neuron post-percolation rate)") == f"{report.anp:.4f}"
     assert table_value(text, "live / total links").startswith(f"{report.live_links:,} / {report.total_links:,}")
     assert "`chts` (init `er`" in table_value(text, "method")
-    assert "AutoModelForCausalLM.from_pretrained(\"ckpt\")" in text and "hf_chts.load_sparse(\"ckpt\")" in text
+    # a bare folder name would be looked up on the Hub: the snippets show a path to fill in (issue 19 item 9)
+    assert "AutoModelForCausalLM.from_pretrained(\"path/to/ckpt\")" in text
+    assert "hf_chts.load_sparse(\"path/to/ckpt\")" in text and 'load_sparse("ckpt")' not in text
     for name in os.listdir(folder):  # every file of the checkpoint is listed
         assert f"- `{name}`:" in text
-    assert "docs/checkpoint-format.md" in text
+    # the wheel ships no docs/: the format specification is linked in the repository
+    assert f"({REPOSITORY_URL}/blob/main/docs/checkpoint-format.md)" in text and "of the hf_chts package" not in text
 
 
 def test_compact_card_says_only_hf_chts_loads_it(tmp_path, make_tiny_model):
@@ -107,13 +111,23 @@ def test_card_owner_of_unusual_files(tmp_path):
 def test_evaluation_results_table_and_model_index(tmp_path, make_tiny_model):
     folder = hf_chts.save_sparse(sparse_llama(make_tiny_model), tmp_path / "ckpt")
     assert "No evaluation results" in card_of(folder)[1]
-    write_model_card(folder, eval_results={"arc_easy": {"acc": 0.25, "acc_norm": 0.5}}, repo_id="me/sparse")
+    write_model_card(folder, record=read_sparsify_config(folder),
+                     eval_results={"arc_easy": {"acc": 0.25, "acc_norm": 0.5}}, repo_id="me/sparse")
     meta, text = card_of(folder)
     assert "| arc_easy | acc | 0.2500 |" in text and "| arc_easy | acc_norm | 0.5000 |" in text
     results = meta["model-index"][0]["results"]
     values = {(r["dataset"]["name"], m["type"]): m["value"] for r in results for m in r["metrics"]}
     assert values == {("arc_easy", "acc"): 0.25, ("arc_easy", "acc_norm"): 0.5}
-    assert 'load_sparse("me/sparse")' in text
+    assert 'load_sparse("me/sparse")' in text and 'SparsifyConfig.from_pretrained("me/sparse")' in text
+
+
+def test_the_repository_url_is_the_one_pyproject_names():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["project"]["urls"]["Repository"] == REPOSITORY_URL
 
 
 def test_trainer_save_model_writes_the_card_with_steps(tmp_path, make_tiny_model):
@@ -136,7 +150,7 @@ def test_export_writes_a_card_for_the_new_format(tmp_path, make_tiny_model, caps
     source = hf_chts.save_sparse(sparse_llama(make_tiny_model), tmp_path / "src")
     export_command(Namespace(checkpoint=str(source), output=str(tmp_path / "out"), format="compact"))
     meta, text = card_of(tmp_path / "out")
-    assert meta["library_name"] == "hf_chts" and 'load_sparse("out")' in text
+    assert meta["library_name"] == "hf_chts" and 'load_sparse("path/to/out")' in text
 
 
 def test_write_sparsity_files_writes_the_card_too(tmp_path, make_tiny_model):
@@ -151,7 +165,7 @@ def test_write_sparsity_files_writes_the_card_too(tmp_path, make_tiny_model):
 
 def test_build_model_card_needs_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="has no sparsify_config.json"):
-        build_model_card(tmp_path)
+        build_model_card(tmp_path, record=None)
 
 
 

@@ -1,6 +1,6 @@
 """Sparse checkpoints, split by job: ``format`` (files, encoding, validation), ``saving``
 (``save_sparse``, the ``save_pretrained`` hook), ``compact`` (live values only), ``loading``
-(``load_sparse``, the Hub, reading one save), ``manifest`` (save id, manifest, verification),
+(the masked model, the Hub, reading one save), ``manifest`` (save id, manifest, verification),
 ``commit`` (the crash-safe swap and its locks), ``keeping`` (what a save keeps of the old folder) and
 ``tools`` (``hf-chts inspect`` / ``export``).
 

@@ -28,20 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint_files import CONFIG_FILE, SPARSE_WEIGHTS_FILE, SPARSITY_FILE  # noqa: F401 - part of the format
 from ..config import SparsifyConfig
 from ..io_utils import read_json_object, require_regular_file
 from ..layers import sparse_layers
 
 FORMAT_VERSION = 2  # 2: save id + manifest (version-1 folders load unverified, with a warning)
-
-
-SPARSITY_FILE = "sparsity.safetensors"
-
-
-CONFIG_FILE = "sparsify_config.json"
-
-
-SPARSE_WEIGHTS_FILE = "sparse_weights.safetensors"
 
 
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)"

@@ -1,5 +1,9 @@
-"""Loading sparse checkpoints: ``load_sparse``, ``read_engine_state`` and finding a checkpoint (folder or Hub).
+"""Loading sparse checkpoints: the masked model, ``read_engine_state`` and finding a checkpoint (folder or Hub).
 
+:func:`open_checkpoint` verifies a folder and reads its masks and SparsifyConfig;
+:func:`load_masked_model` builds the sparsified (masked, trainable) model from it.
+``hf_chts.load_sparse`` (:mod:`hf_chts.checkpoint`) picks that or the inference-only
+model of :mod:`hf_chts.inference.loading`, which builds on :func:`open_checkpoint` too.
 What is checked on load: docs/checkpoint-format.md#5-validation-on-load.
 """
 
@@ -10,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,7 +22,6 @@ import torch
 from torch import nn
 
 from ..config import SparsifyConfig
-from ..inference.autotune import DEFAULT_AUTO_TOKENS
 from ..io_utils import looks_like_local_path, read_bounded_bytes, read_json_object
 from ..layers import logical_shape_of
 from ..lora import refuse_adapter_files
@@ -50,7 +54,8 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     if note is not None:
         raise FileNotFoundError(f"checkpoint folder {text} does not exist: {note}")
     if looks_like_local_path(text):
-        raise FileNotFoundError(f"checkpoint folder {text} does not exist")
+        raise FileNotFoundError(f"no such folder {text!r}: the checkpoint folder does not exist (relative paths "
+                                f"resolve against {Path.cwd()}; a Hub repo id is 'org/name')")
     from huggingface_hub import constants, snapshot_download
 
     offline = constants.is_offline_mode() if local_files_only is None else bool(local_files_only)
@@ -176,60 +181,26 @@ def _from_pretrained(folder: Path, sparse_keys: set[str], compact: bool, kwargs:
     return model
 
 
-def load_sparse(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
-                cache_dir: str | None = None, local_files_only: bool | None = None, inference: bool = False,
-                kernel: str = "auto", auto_tokens=DEFAULT_AUTO_TOKENS, verify: str | None = None,
-                **from_pretrained_kwargs) -> nn.Module:
-    """Load a sparse checkpoint (local folder or Hub repo id) as a sparsified model.
+@dataclass
+class SparseCheckpoint:
+    """A verified sparse checkpoint folder: its ``sparsify_config.json`` record, the SparsifyConfig,
+    the masks (keyed by weight key, not yet checked against a model) and whether it is compact."""
 
-    Loads the weights with ``AutoModelForCausalLM.from_pretrained`` (expanding
-    the compact format when present), reads the masks and the SparsifyConfig,
-    validates them against the model and calls ``sparsify(model, config, masks=...)``.
-    The engine progress is available with :func:`read_engine_state`. Every file is
-    first verified to come from one save, and the whole load reads one save: a save
-    that replaces the folder meanwhile makes the load start again
-    (:func:`read_one_save`); ``trust_remote_code`` is ``False`` unless passed explicitly.
+    folder: Path
+    record: dict
+    config: SparsifyConfig
+    masks: dict[str, torch.Tensor]
+    compact: bool
 
-    Args:
-        path_or_repo_id: checkpoint folder or ``"org/name"`` on the Hub.
-        revision / token / cache_dir / local_files_only: Hub download options;
-            ``HF_HUB_OFFLINE=1`` restricts to the local cache.
-        inference: build an inference-only model instead (docs/inference.md):
-            every sparsified layer is built straight from its mask and live
-            values with ``kernel`` (``"auto"``, ``"csr"``, ``"dense"``; as in
-            ``to_sparse_inference``, with ``auto_tokens``), never holding a
-            dense copy of a sparsified weight; safetensors files only, and of
-            the ``from_pretrained`` options only ``dtype``.
-        verify: ``"full"`` (SHA-256 of every file) or ``"fast"`` (sizes, safetensors headers and save ids;
-            no hash of the safetensors files); default: the ``HF_CHTS_VERIFY`` environment variable, else
-            ``"full"`` (docs/checkpoint-format.md#71-save-id-and-manifest).
-        **from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
 
-    Returns:
-        The model; sparsified unless the folder has no ``sparsity.safetensors``
-        (then it is loaded dense with a warning).
+def open_checkpoint(folder: Path, record: dict | None) -> SparseCheckpoint | None:
+    """Read the masks and SparsifyConfig of ``folder``, whose ``record`` :func:`read_one_save` verified
+    (every file from one save, headers and config parsed); ``None`` for a plain model folder (no hf_chts
+    files), which loads dense.
 
-    Raises:
-        ValueError: naming the file and the field or tensor when the folder mixes
-            files of different saves (save id / manifest), a stored weight is not 0
-            at a masked position, or a file is truncated, corrupted, of the wrong
-            type or not a regular file (docs/checkpoint-format.md#5-validation-on-load);
-            or when saves kept replacing the folder during every attempt to read it.
+    Raises ``ValueError`` naming the file for a folder with only part of the sparse files, or with a
+    LoRA adapter's files (transformers would load them into the model).
     """
-    folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir,
-                                local_files_only=local_files_only)
-    mode = verify_mode(verify)
-
-    def load(record: dict | None) -> nn.Module:
-        return _load_once(folder, record, inference=inference, kernel=kernel, auto_tokens=auto_tokens,
-                          from_pretrained_kwargs=dict(from_pretrained_kwargs))
-
-    return read_one_save(folder, load, verify=mode)
-
-
-def _load_once(folder: Path, record: dict | None, *, inference: bool, kernel: str, auto_tokens,
-               from_pretrained_kwargs: dict) -> nn.Module:
-    """One attempt of :func:`load_sparse` on a folder whose ``record`` was verified."""
     compact = (folder / SPARSE_WEIGHTS_FILE).exists()
     check_model_files(folder)
     refuse_adapter_files(folder)  # transformers would load them into the model (docstring of hf_chts.lora)
@@ -239,27 +210,47 @@ def _load_once(folder: Path, record: dict | None, *, inference: bool, kernel: st
                 f"{folder} has {SPARSE_WEIGHTS_FILE if compact else CONFIG_FILE} but no {SPARSITY_FILE}: the sparse "
                 "model cannot be restored without the masks; copy the complete checkpoint"
             )
-        logger.warning("hf_chts: %s has no %s; loading it as a dense model (not sparse)", folder, SPARSITY_FILE)
-        from transformers import AutoModelForCausalLM
-
-        kwargs = {"trust_remote_code": False, **from_pretrained_kwargs}
-        return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        return None
     masks = read_masks(folder)
     if record is None:
         raise ValueError(
             f"{folder} has {SPARSITY_FILE} but no {CONFIG_FILE}: the SparsifyConfig needed to restore the layers is "
             "missing; copy the complete checkpoint"
         )
-    config = config_from_record(folder / CONFIG_FILE, record)
-    if inference:
-        from ..inference.loading import build_inference_model, check_inference_options, empty_model
+    return SparseCheckpoint(folder, record, config_from_record(folder / CONFIG_FILE, record), masks, compact)
 
-        tokens, dtype = check_inference_options(kernel, auto_tokens, from_pretrained_kwargs.pop("dtype", None),
-                                                from_pretrained_kwargs)
-        model = empty_model(folder)
-        by_name = validate_masks(folder / SPARSITY_FILE, model, config, masks)
-        return build_inference_model(folder, model, config, masks, by_name, compact=compact, kernel=kernel,
-                                     auto_tokens=tokens, dtype=dtype)
+
+def load_dense_model(folder: Path, from_pretrained_kwargs: dict) -> nn.Module:
+    """A plain model folder (no hf_chts files) loaded dense with ``from_pretrained``, with a warning."""
+    from transformers import AutoModelForCausalLM
+
+    logger.warning("hf_chts: %s has no %s; loading it as a dense model (not sparse)", folder, SPARSITY_FILE)
+    kwargs = {"trust_remote_code": False, **from_pretrained_kwargs}
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+
+
+def load_masked_model(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
+                      cache_dir: str | None = None, local_files_only: bool | None = None, verify: str | None = None,
+                      **from_pretrained_kwargs) -> nn.Module:
+    """The sparsified (masked) model of a checkpoint: ``hf_chts.load_sparse`` without ``inference=True``.
+
+    Loads the weights with ``AutoModelForCausalLM.from_pretrained`` (expanding
+    the compact format when present), validates the masks against the model and
+    calls ``sparsify(model, config, masks=...)``; everything is read from one save
+    (:func:`read_one_save`); see :func:`hf_chts.checkpoint.load_sparse`.
+    """
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                local_files_only=local_files_only)
+    return read_one_save(folder, lambda record: masked_model_of(folder, record, dict(from_pretrained_kwargs)),
+                         verify=verify)
+
+
+def masked_model_of(folder: Path, record: dict | None, from_pretrained_kwargs: dict) -> nn.Module:
+    """One attempt of :func:`load_masked_model` on a folder whose ``record`` was verified."""
+    checkpoint = open_checkpoint(folder, record)
+    if checkpoint is None:
+        return load_dense_model(folder, from_pretrained_kwargs)
+    config, masks, compact, record = checkpoint.config, checkpoint.masks, checkpoint.compact, checkpoint.record
     values = read_compact_values(folder, masks) if compact else None
     model = _from_pretrained(folder, set(masks), compact, from_pretrained_kwargs)
     by_name = validate_masks(folder / SPARSITY_FILE, model, config, masks)

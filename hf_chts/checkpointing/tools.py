@@ -14,7 +14,7 @@ from ..model import modules_named
 from ..topology.percolation import active_neurons
 from .format import CONFIG_FILE, SPARSITY_FILE, config_from_record, module_name_of, read_masks
 from .loading import (
-    check_model_files, load_sparse, quiet_transformers, read_one_save, resolve_checkpoint, validate_masks,
+    check_model_files, load_masked_model, quiet_transformers, read_one_save, resolve_checkpoint, validate_masks,
 )
 from .saving import write_checkpoint
 
@@ -32,7 +32,7 @@ def _meta_model(folder: Path):
 def inspect_checkpoint(path_or_repo_id: str | os.PathLike, *, verify: str | None = None, **hub_kwargs) -> dict:
     """Summary of a sparse checkpoint without running the model: per-layer density and
     active neurons, overall density and ANP, file sizes, method and schedule position
-    (all from one save; ``verify`` as in :func:`~hf_chts.checkpointing.loading.load_sparse`)."""
+    (all from one save; ``verify`` as in :func:`hf_chts.checkpoint.load_sparse`)."""
     folder = resolve_checkpoint(path_or_repo_id, **hub_kwargs)
     return read_one_save(folder, lambda record: _inspect(folder, record), verify=verify)
 
@@ -154,7 +154,7 @@ def export_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *, f
     folder = resolve_checkpoint(source)
     if not (folder / SPARSITY_FILE).exists():
         raise ValueError(f"{folder} has no {SPARSITY_FILE}: it is not a sparse checkpoint, nothing to export")
-    model = load_sparse(folder, dtype="auto")
+    model = load_masked_model(folder, dtype="auto")
     tokenizer = None
     if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         try:

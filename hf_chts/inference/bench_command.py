@@ -14,8 +14,9 @@ import sys
 import torch
 from torch import nn
 
-from ..checkpointing.loading import load_sparse, resolve_checkpoint
+from ..checkpointing.loading import load_masked_model, resolve_checkpoint
 from .convert import inference_info, inference_report
+from .loading import load_inference_model
 from .throughput import DECODE_PROMPT_TOKENS, compare_throughput, max_logit_difference, random_ids
 
 
@@ -32,13 +33,13 @@ def model_bytes(model: nn.Module) -> int:
 _LOAD_PEAK_SCRIPT = """
 import json, sys
 import torch
-from hf_chts.checkpointing.loading import load_sparse
-from hf_chts.inference.loading import empty_model
+from hf_chts.checkpointing.loading import load_masked_model
+from hf_chts.inference.loading import empty_model, load_inference_model
 from hf_chts.inference.throughput import PeakMemory
 folder, inference, kernel = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 empty_model(__import__("pathlib").Path(folder))  # imports and model-class set-up, not counted
 with PeakMemory() as peak:
-    model = load_sparse(folder, inference=True, kernel=kernel) if inference else load_sparse(folder)
+    model = load_inference_model(folder, kernel=kernel) if inference else load_masked_model(folder)
 print(json.dumps({"extra_bytes": peak.extra_bytes}))
 """
 
@@ -94,11 +95,11 @@ def run_bench_inference(checkpoint, *, kernel: str = "auto", prompt_tokens: int 
         if int(value) < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
     folder = resolve_checkpoint(checkpoint, revision=revision)
-    sparse = load_sparse(folder, inference=True, kernel=kernel)
+    sparse = load_inference_model(folder, kernel=kernel)
     if inference_info(sparse) is None:
         raise ValueError(f"{folder} is not a sparse checkpoint (no sparsity.safetensors); nothing to compare")
     check_positions(sparse.config, folder, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-    dense = load_sparse(folder).eval()
+    dense = load_masked_model(folder).eval()
     vocab = sparse.config.vocab_size
     timings = compare_throughput({"sparse": sparse, "dense": dense}, vocab_size=vocab, prompt_tokens=prompt_tokens,
                                  new_tokens=new_tokens, decode_batches=tuple(decode_batches), rounds=rounds)

@@ -1,5 +1,9 @@
 """Build an inference-only sparse model straight from a checkpoint (``load_sparse(path, inference=True)``).
 
+:func:`load_inference_model` opens the checkpoint with
+:func:`hf_chts.checkpointing.loading.open_checkpoint` (the same verification as every load)
+and builds the model here; ``hf_chts.load_sparse`` (:mod:`hf_chts.checkpoint`) calls it.
+
 No dense copy of a sparsified weight exists at any point: the model skeleton
 is created on the ``meta`` device (accelerate's ``init_empty_weights``), the
 non-sparsified tensors are loaded into it, and each sparsified layer is built
@@ -12,12 +16,17 @@ one block of a dense weight is in memory. See docs/inference.md.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..checkpointing.compact import read_compact_values
+from ..checkpointing.format import SPARSITY_FILE
+from ..checkpointing.loading import (
+    load_dense_model, open_checkpoint, read_one_save, resolve_checkpoint, validate_masks,
+)
 from ..architectures import build_topology
 from ..config import SparsifyConfig
 from ..layers import sparse_class_for
@@ -119,6 +128,30 @@ def empty_model(folder: Path) -> nn.Module:
     if (folder / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(str(folder), trust_remote_code=False)
     return model
+
+
+def load_inference_model(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                         token: str | None = None, cache_dir: str | None = None, local_files_only: bool | None = None,
+                         kernel: str = "auto", auto_tokens=DEFAULT_AUTO_TOKENS, verify: str | None = None,
+                         **from_pretrained_kwargs) -> nn.Module:
+    """The inference-only model of a checkpoint: ``hf_chts.load_sparse(path, inference=True)``
+    (see :func:`hf_chts.checkpoint.load_sparse`), read from one save (``read_one_save``). A plain model
+    folder loads dense, with a warning."""
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                local_files_only=local_files_only)
+
+    def load(record: dict | None) -> nn.Module:
+        options = dict(from_pretrained_kwargs)
+        checkpoint = open_checkpoint(folder, record)
+        if checkpoint is None:
+            return load_dense_model(folder, options)
+        tokens, dtype = check_inference_options(kernel, auto_tokens, options.pop("dtype", None), options)
+        model = empty_model(folder)
+        by_name = validate_masks(folder / SPARSITY_FILE, model, checkpoint.config, checkpoint.masks)
+        return build_inference_model(folder, model, checkpoint.config, checkpoint.masks, by_name,
+                                     compact=checkpoint.compact, kernel=kernel, auto_tokens=tokens, dtype=dtype)
+
+    return read_one_save(folder, load, verify=verify)
 
 
 def build_inference_model(folder: Path, model: nn.Module, config: SparsifyConfig, masks: dict[str, torch.Tensor],

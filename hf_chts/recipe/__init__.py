@@ -6,9 +6,9 @@ calls the same functions one by one, so both do the same thing). A recipe has
 seven sections, every field documented in ``recipes/README.md``::
 
     run:       output_dir, seed, overwrite, resume, global_batch_size, ...
-    data:      builtin | text_files | dataset (+ dataset_config, streaming), block_size, split
+    data:      builtin | text_files | data_files | dataset (+ dataset_config, streaming), block_size, split
     tokenizer: name (Hub name / folder) | train_bpe: {vocab_size}
-    model:     preset (llama-tiny, llama-60m, llama-130m, llama-1b) + explicit overrides
+    model:     preset (llama-tiny, llama-60m, llama-130m, llama-1b) | name_or_path, + explicit overrides
     sparsify:  SparsifyConfig fields (method, target_density, update_interval, ...)
     training:  transformers.TrainingArguments fields (max_steps, learning_rate, ...)
     eval:      perplexity, lm-eval tasks, local_task_from_heldout, limit
@@ -20,7 +20,8 @@ before anything is trained or written.
 The pipeline is split by job: ``schema`` (recipe sections and their keys),
 ``typed`` (values typed by transformers' ``HfArgumentParser``), ``validation`` (cross-field rules),
 ``overrides`` (``--section.key value``),
-``loading`` (a recipe file -> a validated recipe), ``paths`` (input files, output folder), ``data`` (corpus, BPE tokenizer, packed blocks), ``presets``
+``loading`` (a recipe file -> a validated recipe), ``paths`` (input files, output folder), ``corpus`` (text sources,
+train / validation split), ``data`` (BPE tokenizer, packed blocks), ``presets``
 and ``models`` (architecture, parameter counts, the model), ``trainer``
 (TrainingArguments, Trainer), ``finish`` (the end-of-run steps: evaluation, final checkpoint, reload check, lm-eval),
 ``summary`` (run summary, plot)
@@ -28,20 +29,18 @@ and ``run`` (the whole run, ``hf-chts train``). Everything is re-exported here.
 ``BPE_TRAININGS`` is a live counter: read it as ``hf_chts.recipe.data.BPE_TRAININGS``.
 """
 
+from .corpus import Corpus, builtin_documents, is_saved_dataset, load_corpus
 from .data import (
     BPE_CACHE_VERSION,
-    Corpus,
     LMData,
     PackedStream,
     build_lm_datasets,
     build_tokenizer,
-    builtin_documents,
     collate_blocks,
-    load_corpus,
     pack_blocks,
     train_bpe_tokenizer,
 )
-from .models import build_model, configure_torch, model_config, parameter_count
+from .models import build_model, check_model_source, configure_torch, model_config, parameter_count, pretrained_config
 from .presets import MODEL_PRESETS, model_settings
 from .run import dense_baseline_recipe, last_checkpoint, run_recipe, train_command, train_dense_baseline
 from .loading import load_recipe
@@ -102,6 +101,7 @@ __all__ = [
     "BUILTIN_CORPORA",
     "builtin_documents",
     "check_input_paths",
+    "check_model_source",
     "check_output_dir",
     "check_reload",
     "check_schedule",
@@ -122,6 +122,7 @@ __all__ = [
     "gather_ranks",
     "last_checkpoint",
     "LMData",
+    "is_saved_dataset",
     "load_corpus",
     "load_recipe",
     "loss_curves",
@@ -137,6 +138,7 @@ __all__ = [
     "PLOT_FILE",
     "plot_training_curves",
     "prepare_output_dir",
+    "pretrained_config",
     "print_summary",
     "Recipe",
     "RECIPE_COPY",

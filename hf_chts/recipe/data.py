@@ -1,4 +1,11 @@
-"""Recipe data: corpus loading and splitting, the byte-level BPE tokenizer (cached), packed token blocks."""
+"""Recipe data: the byte-level BPE tokenizer (cached) and the packed token blocks.
+
+The documents come from :mod:`hf_chts.recipe.corpus`. Tokenizing and packing are
+``datasets.map`` passes (batched; for file-backed data each pass is written to, and on a later
+run read back from, ``datasets``' cache by its fingerprint), so memory holds one batch of
+documents at a time, whatever the corpus size. Streamed corpora are packed on the fly
+(:class:`PackedStream`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,6 @@ import hashlib
 import itertools
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,98 +20,12 @@ from typing import Any
 
 import torch
 
-from ..suggest import did_you_mean
-from .schema import BUILTIN_CORPORA, Recipe
+from .corpus import Corpus
+from .schema import Recipe
 
 logger = logging.getLogger(__name__)
 
 BPE_CACHE_VERSION = 1
-
-
-# =========================================================================== text corpus
-@dataclass
-class Corpus:
-    """Raw documents (one column ``text``) split into train and validation."""
-
-    train: Any  # datasets.Dataset or datasets.IterableDataset
-    validation: Any  # datasets.Dataset
-    streaming: bool
-
-
-def builtin_documents(name: str, sample_by: str = "paragraph") -> list[str]:
-    """Documents of a corpus shipped with Python (``pydoc_topics``: ``pydoc_data.topics``, ~465k chars)."""
-    if name != "pydoc_topics":
-        raise ValueError(f"unknown builtin corpus {name!r}; available: {', '.join(BUILTIN_CORPORA)}")
-    from pydoc_data.topics import topics
-
-    texts = [topics[key] for key in sorted(topics)]
-    return _split_documents(texts, sample_by)
-
-
-def _split_documents(texts: list[str], sample_by: str) -> list[str]:
-    if sample_by == "document":
-        docs = texts
-    elif sample_by == "line":
-        docs = [line for text in texts for line in text.splitlines()]
-    else:
-        docs = [part for text in texts for part in re.split(r"\n\s*\n", text)]
-    return [doc.strip("\n") for doc in docs if doc.strip()]
-
-
-def load_corpus(recipe: Recipe) -> Corpus:
-    """Load the documents and split them into train / validation (deterministically, by ``run.seed``)."""
-    import datasets
-
-    data, seed = recipe.data, recipe.run.seed
-    column = data.text_column
-    if data.builtin:
-        full = datasets.Dataset.from_dict({"text": builtin_documents(data.builtin, data.sample_by)})
-        column = "text"
-    elif data.text_files:
-        if data.streaming:
-            full = datasets.load_dataset("text", data_files={"train": data.text_files}, split="train",
-                                         sample_by=data.sample_by, streaming=True)
-        else:
-            full = datasets.Dataset.from_dict({"text": _split_documents(
-                [Path(f).read_text(encoding="utf-8", errors="replace") for f in data.text_files], data.sample_by)})
-        column = "text"
-    else:
-        kwargs = dict(path=data.dataset, name=data.dataset_config, split=data.train_split, streaming=data.streaming)
-        try:
-            full = datasets.load_dataset(**kwargs)
-        except Exception as error:  # offline / missing dataset: say which and how to fix
-            raise FileNotFoundError(
-                f"data.dataset: could not load {data.dataset!r} (config {data.dataset_config!r}, split "
-                f"{data.train_split!r}, streaming={data.streaming}): {type(error).__name__}: {error}. Hub datasets need "
-                "network access (unset HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) or a local cache") from error
-    names = list(full.column_names or []) if getattr(full, "column_names", None) else None
-    if names is not None and column not in names:
-        raise ValueError(f"data.text_column = {column!r} is not a column of {data.dataset or data.text_files}; "
-                         f"columns: {', '.join(names)}{did_you_mean(column, names)}")
-    if column != "text":
-        full = full.rename_column(column, "text")
-    if names is not None and len(names) > 1:
-        full = full.remove_columns([n for n in names if n != column])
-    full = full.filter(lambda example: bool(example["text"] and example["text"].strip()))
-
-    if data.validation_split:
-        validation = datasets.load_dataset(path=data.dataset, name=data.dataset_config, split=data.validation_split,
-                                           streaming=data.streaming)
-        if column != "text":
-            validation = validation.rename_column(column, "text")
-        if data.streaming:
-            validation = datasets.Dataset.from_dict(
-                {"text": [row["text"] for row in itertools.islice(validation, data.validation_documents)]})
-        return Corpus(full, validation.select_columns(["text"]), data.streaming)
-    if data.streaming:
-        held = [row["text"] for row in itertools.islice(full, data.validation_documents)]
-        if not held:
-            raise ValueError("the training stream is empty; nothing to hold out for validation")
-        return Corpus(full.skip(data.validation_documents), datasets.Dataset.from_dict({"text": held}), True)
-    if len(full) < 2:
-        raise ValueError(f"the corpus has {len(full)} document(s); need at least 2 to hold some out for validation")
-    split = full.train_test_split(test_size=data.validation_fraction, seed=seed, shuffle=True)
-    return Corpus(split["train"], split["test"], False)
 
 
 # =========================================================================== tokenizer
@@ -116,12 +36,13 @@ def _cache_root(recipe: Recipe) -> Path:
 
 
 def _bpe_training_texts(recipe: Recipe, corpus: Corpus):
+    """A factory of fresh iterators over the BPE's training texts, read lazily (never the whole column at once)."""
     limit = recipe.tokenizer.train_bpe.max_documents
     if corpus.streaming:
         return lambda: (row["text"] for row in itertools.islice(corpus.train, limit or 100_000))
-    texts = corpus.train["text"]
-    count = len(texts) if limit is None else min(limit, len(texts))
-    return lambda: itertools.islice(iter(texts), count)
+    count = len(corpus.train) if limit is None else min(limit, len(corpus.train))
+    return lambda: itertools.islice(
+        (text for batch in corpus.train.iter(batch_size=PACK_BATCH_DOCUMENTS) for text in batch["text"]), count)
 
 
 BPE_TRAININGS = 0  # how many BPE tokenizers this process trained (tests check the cache with it)
@@ -191,13 +112,24 @@ def build_tokenizer(recipe: Recipe, corpus: Corpus | None = None):
 
 
 # =========================================================================== tokenised, packed blocks
+#: documents per batch of the tokenizing and packing ``datasets.map`` passes (the memory bound)
+PACK_BATCH_DOCUMENTS = 1000
+
+
 def pack_blocks(token_lists, block_size: int):
-    """Concatenate token lists and cut them into ``[n, block_size]`` blocks (only the final tail is dropped)."""
+    """Concatenate token lists and cut them into ``[n, block_size]`` blocks (the tail is dropped)."""
     import numpy as np
 
     flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64)
     count = len(flat) // block_size
     return flat[: count * block_size].reshape(count, block_size)
+
+
+def _pack_function(block_size: int):
+    def pack(batch):
+        return {"input_ids": pack_blocks(batch["input_ids"], block_size)}
+
+    return pack
 
 
 @dataclass
@@ -239,17 +171,27 @@ class PackedStream(torch.utils.data.IterableDataset):
                     return
 
 
-def _packed_dataset(tokenized, block_size: int, max_blocks: int | None, label: str):
-    import datasets
+def token_count(tokenized) -> int:
+    """Tokens in a tokenized dataset's ``input_ids``, summed by Arrow (the column stays on disk)."""
+    import pyarrow.compute as pc
 
-    blocks = pack_blocks(tokenized["input_ids"], block_size)
-    tokens = sum(len(ids) for ids in tokenized["input_ids"])
-    if max_blocks is not None:
-        blocks = blocks[:max_blocks]
-    if len(blocks) == 0:
+    total = pc.sum(pc.list_value_length(tokenized.data.column("input_ids"))).as_py()
+    return int(total or 0)
+
+
+def _packed_dataset(tokenized, block_size: int, max_blocks: int | None, label: str, num_proc: int | None = None):
+    """Blocks of exactly ``block_size`` tokens (``datasets.map``, batched; the tail of each batch of
+    :data:`PACK_BATCH_DOCUMENTS` documents, < ``block_size`` tokens, is dropped) and the token count."""
+    tokens = token_count(tokenized)
+    packed = tokenized.map(_pack_function(block_size), batched=True, batch_size=PACK_BATCH_DOCUMENTS,
+                           remove_columns=tokenized.column_names, num_proc=num_proc,
+                           desc=f"Packing {label} into blocks of {block_size}")
+    if max_blocks is not None and len(packed) > max_blocks:
+        packed = packed.select(range(max_blocks))
+    if len(packed) == 0:
         raise ValueError(f"the {label} split has {tokens} tokens: fewer than one block of data.block_size = "
                          f"{block_size}; lower block_size or add text")
-    return datasets.Dataset.from_dict({"input_ids": blocks}), tokens
+    return packed, tokens
 
 
 def build_lm_datasets(recipe: Recipe, tokenizer, corpus: Corpus) -> LMData:
@@ -258,8 +200,10 @@ def build_lm_datasets(recipe: Recipe, tokenizer, corpus: Corpus) -> LMData:
     tokenize = _tokenize_function(tokenizer)
     validation_tok = corpus.validation.map(tokenize, batched=True, remove_columns=corpus.validation.column_names,
                                            desc="Tokenizing validation", num_proc=data.num_proc)
-    validation, val_tokens = _packed_dataset(validation_tok, data.block_size, data.max_validation_samples, "validation")
-    texts = list(corpus.validation["text"])
+    validation, val_tokens = _packed_dataset(validation_tok, data.block_size, data.max_validation_samples, "validation",
+                                             data.num_proc)
+    held_out = corpus.validation.select(range(min(len(corpus.validation), recipe.eval.local_task_documents)))
+    texts = list(held_out["text"])  # the documents eval.local_task_from_heldout may use
     stats = {"validation_tokens": val_tokens, "validation_blocks": len(validation), "block_size": data.block_size}
     if corpus.streaming:
         train_tok = corpus.train.map(tokenize, batched=True, remove_columns=["text"])
@@ -268,7 +212,8 @@ def build_lm_datasets(recipe: Recipe, tokenizer, corpus: Corpus) -> LMData:
     else:
         train_tok = corpus.train.map(tokenize, batched=True, remove_columns=corpus.train.column_names,
                                      desc="Tokenizing train", num_proc=data.num_proc)
-        train, train_tokens = _packed_dataset(train_tok, data.block_size, data.max_train_samples, "train")
+        train, train_tokens = _packed_dataset(train_tok, data.block_size, data.max_train_samples, "train",
+                                              data.num_proc)
         stats.update(train_tokens=train_tokens, train_blocks=len(train))
     return LMData(train, validation, texts, stats)
 

@@ -22,6 +22,7 @@ import torch
 from .. import checkpoint, evaluation
 from ..checkpointing.format import weight_key
 from ..checkpointing.saving import write_sparsity_files
+from ..extras import missing_extra
 from ..layers import sparse_layers, zero_masked_
 from ..model import sparsity_report
 from .data import LMData, collate_blocks
@@ -104,8 +105,9 @@ LOCAL_TASK_CONTINUATION_WORDS = 8
 
 def model_max_length(model) -> int | None:
     """The model's context in tokens, read from its config as lm-eval's ``HFLM`` reads it (``None`` if unknown)."""
+    config = getattr(model, "config", None)
     for attribute in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(model.config, attribute, None)
+        value = getattr(config, attribute, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
@@ -134,7 +136,11 @@ def fitting_continuation_words(texts: list[str], tokenizer, max_length: int | No
 
 def run_lm_eval(recipe: Recipe, model, tokenizer, data: LMData) -> dict[str, Any] | None:
     """lm-eval tasks (and tasks built from held-out text, within the model's context) on ``model``; main process
-    only."""
+    only.
+
+    Without lm-eval (the base install) the tasks are written but not run: a warning names the
+    ``[eval]`` extra, and the record says ``skipped`` (the summary prints the command to run them later).
+    """
     tasks = list(recipe.eval.tasks)
     include_path = None
     if recipe.eval.local_task_from_heldout:
@@ -151,6 +157,11 @@ def run_lm_eval(recipe: Recipe, model, tokenizer, data: LMData) -> dict[str, Any
                                                   continuation_words=max(words, 1)))
     if not tasks:
         return None
+    missing = missing_extra("lm_eval")
+    if missing:
+        logger.warning("hf_chts: skipping the lm-eval step (tasks %s): %s", ", ".join(tasks), missing)
+        return {"tasks": tasks, "include_path": str(include_path) if include_path else None, "metrics": {},
+                "skipped": missing}
     device = str(next(model.parameters()).device)
     results = evaluation.evaluate_model(model, tokenizer, tasks, include_path=include_path,
                                         batch_size=recipe.eval.batch_size, limit=recipe.eval.limit, device=device)

@@ -1,4 +1,4 @@
-"""A recipe's input paths (text files, local datasets and tokenizers) and its output folder."""
+"""A recipe's input paths (data files, local datasets, tokenizers and model configs) and its output folder."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..io_utils import atomic_write_text, looks_like_local_path
+from .models import check_model_source
 from .resume import check_resume_matches
 from .run_folder import (
     RUN_MARKER, RunFolderInUse, check_run_folder_free, clear_run_folder, create_run_marker, hold_run_folder,
@@ -21,30 +22,40 @@ from .schema import RECIPE_COPY, SUMMARY_FILE, Recipe
 
 logger = logging.getLogger(__name__)
 
-def resolve_text_files(patterns: list[str]) -> list[str]:
-    """Expand globs; every entry must match at least one existing file."""
+
+def resolve_text_files(patterns: list[str], field: str = "data.text_files") -> list[str]:
+    """Expand globs; every entry must match at least one existing file (errors name ``field``)."""
     files: list[str] = []
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else ([expanded] if os.path.isfile(expanded) else [])
         if not matches:
             kind = "pattern matches no file" if glob.has_magic(expanded) else "file does not exist"
-            raise FileNotFoundError(f"data.text_files: {pattern!r}: {kind} (relative paths resolve against "
+            raise FileNotFoundError(f"{field}: {pattern!r}: {kind} (relative paths resolve against "
                                     f"the working directory {os.getcwd()})")
         files.extend(os.path.abspath(m) for m in matches)
     return files
 
 
 def check_input_paths(recipe: Recipe) -> None:
+    """Every local input exists (data files and globs, dataset and tokenizer folders) and the model config
+    loads; ``FileNotFoundError`` / ``ValueError`` naming the recipe file, the field and the fix."""
+    where = recipe.source or "recipe"
     data = recipe.data
-    if data.text_files:
-        data.text_files = resolve_text_files(data.text_files)
+    try:
+        if data.text_files:
+            data.text_files = resolve_text_files(data.text_files)
+        if data.data_files:
+            data.data_files = resolve_text_files(data.data_files, "data.data_files")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{where}: {error}") from error
     if data.dataset and looks_like_local_path(data.dataset) and not os.path.exists(os.path.expanduser(data.dataset)):
-        raise FileNotFoundError(f"data.dataset: local path {data.dataset!r} does not exist (a Hub dataset is named "
-                                "'org/name', e.g. Skylion007/openwebtext)")
+        raise FileNotFoundError(f"{where}: data.dataset: local path {data.dataset!r} does not exist (a Hub dataset "
+                                "is named 'org/name', e.g. Skylion007/openwebtext)")
+    check_model_source(recipe)
     name = recipe.tokenizer.name
     if name and looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
-        raise FileNotFoundError(f"tokenizer.name: local path {name!r} does not exist")
+        raise FileNotFoundError(f"{where}: tokenizer.name: local path {name!r} does not exist")
 
 
 def _comparable(recipe_dict: dict) -> dict:

@@ -33,5 +33,5 @@ def model_settings(model: Any) -> dict[str, Any]:
     settings.setdefault("num_key_value_heads", None)
     if settings["num_key_value_heads"] is None:
         settings["num_key_value_heads"] = settings["num_attention_heads"]
-    settings["tie_word_embeddings"] = model.tie_word_embeddings
+    settings["tie_word_embeddings"] = bool(model.tie_word_embeddings)  # unset: false (the LLaMA default)
     return settings

@@ -62,7 +62,8 @@ def main(argv=None):
     if state.is_main_process:
         logger.info("hf_chts: data: %s", data.stats)
 
-    # 3. Model: a LlamaConfig from the preset (+ overrides), randomly initialised.
+    # 3. Model: a LlamaConfig from the preset, or the config of model.name_or_path (+ overrides), randomly
+    #    initialised: pretraining from scratch.
     model = R.build_model(recipe, tokenizer)
     logger.info("hf_chts: [rank %d] model: %.2fM parameters", state.process_index,
                 sum(p.numel() for p in model.parameters()) / 1e6)

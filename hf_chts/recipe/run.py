@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from ..deepspeed_check import refuse_deepspeed
-from .data import build_lm_datasets, build_tokenizer, load_corpus
+from .corpus import load_corpus
+from .data import build_lm_datasets, build_tokenizer
 from .models import build_model, configure_torch
 from .loading import load_recipe
 from .paths import check_output_dir, prepare_output_dir, release_output_dir

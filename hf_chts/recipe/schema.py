@@ -44,13 +44,20 @@ class RunSection:
     torch_threads: int | None = None  # torch.set_num_threads per process (tiny CPU models: 1 avoids OpenMP overhead)
 
 
+#: file extensions of data.data_files -> the datasets builder that reads them (compressed variants too)
+DATA_FILE_FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                     ".csv": "csv"}
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
 @dataclass
 class DataSection:
-    """Text source (exactly one of builtin / text_files / dataset), split and packing."""
+    """Text source (exactly one of builtin / text_files / data_files / dataset), split and packing."""
 
     builtin: str | None = None
     text_files: list[str] | None = None
-    dataset: str | None = None
+    data_files: list[str] | None = None  # text / json / jsonl / parquet / csv, read by datasets.load_dataset
+    dataset: str | None = None  # a Hub dataset, a local dataset folder, or a Dataset.save_to_disk folder
     dataset_config: str | None = None
     streaming: bool = False
     text_column: str = "text"
@@ -81,7 +88,12 @@ class TokenizerSection:
 
 @dataclass
 class ModelSection:
-    preset: str = "llama-tiny"
+    """The model trained from scratch: a LLaMA ``preset`` or ``name_or_path`` (the config of a Hub model or of
+    a local folder holding a ``config.json``), then the explicit fields and ``config_overrides``."""
+
+    preset: str | None = "llama-tiny"  # unset when name_or_path is given
+    name_or_path: str | None = None
+    config_overrides: dict[str, Any] | None = None  # any other field of the model's transformers config
     hidden_size: int | None = None
     intermediate_size: int | None = None
     num_hidden_layers: int | None = None
@@ -89,7 +101,7 @@ class ModelSection:
     num_key_value_heads: int | None = None
     vocab_size: int | None = None
     max_position_embeddings: int | None = None
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool | None = None  # presets: false; name_or_path: the config's own
 
 
 @dataclass

@@ -199,6 +199,8 @@ def print_summary(summary: dict, recipe: Recipe) -> None:
         check = summary["reload_check"]
         lines.append(f"  reload check       in-memory loss {check['in_memory_loss']:.6f} vs reloaded "
                      f"{check['reloaded_loss']:.6f} ({'match' if check['match'] else 'MISMATCH'})")
+    if (summary.get("lm_eval") or {}).get("skipped"):
+        lines.append(f"  lm-eval            skipped: {summary['lm_eval']['skipped']}")
     if summary.get("lm_eval"):
         for task, metrics in summary["lm_eval"]["metrics"].items():
             shown = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())

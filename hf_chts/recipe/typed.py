@@ -9,7 +9,8 @@ converted and checked by the same rules as in any Hugging Face training script
 ``HfArgumentParser`` cannot express are handled here: ``null`` (allowed only for
 fields typed ``X | None``) and a list given to a field that also takes a single
 value (e.g. ``report_to``, ``SparsifyConfig.target_modules``): each element is
-converted on its own.
+converted on its own. A mapping-only field (``model.config_overrides``) takes a YAML
+mapping, or JSON text on the command line.
 """
 
 from __future__ import annotations
@@ -52,6 +53,26 @@ def _takes_list(annotation) -> bool:
     return any(typing.get_origin(arg) is list for arg in _union_args(annotation))
 
 
+def _takes_dict(annotation) -> bool:
+    """A mapping-only field (``dict | None``); ``dict | str`` fields (TrainingArguments' JSON-or-path
+    options) go through ``HfArgumentParser`` as text, as before."""
+    args = _union_args(annotation)
+    return str not in args and any(arg is dict or typing.get_origin(arg) is dict for arg in args)
+
+
+def _convert_dict(value) -> dict:
+    """A mapping field (``model.config_overrides``): a YAML mapping, or JSON text on the command line."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise RecipeValueError(f"expected a mapping (JSON on the command line, e.g. '{{\"n_inner\": 64}}'): "
+                                   f"{error}") from None
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise RecipeValueError("expected a mapping of names to values")
+    return dict(value)
+
+
 def _tokens(value) -> list[str]:
     if isinstance(value, bool):
         return ["true" if value else "false"]
@@ -88,6 +109,8 @@ def typed_values(cls: type, values: dict[str, Any], label: str, where: str) -> d
                 if type(None) not in _union_args(annotation):
                     raise RecipeValueError("null is not allowed here; give a value or leave the key out")
                 typed[key] = None
+            elif _takes_dict(annotation):
+                typed[key] = _convert_dict(value)
             elif isinstance(value, list):
                 if not _takes_list(annotation):
                     raise RecipeValueError("expected a single value, not a list")

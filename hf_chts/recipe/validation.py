@@ -14,8 +14,8 @@ import os
 from ..suggest import did_you_mean
 from .presets import MODEL_PRESETS, model_settings
 from .schema import (
-    BUILTIN_CORPORA, NESTED_SECTIONS, SECTIONS, SPARSE_ADAMW_OPTIM, TRAINING_RESERVED, Recipe, section_class,
-    section_keys, sparsify_config, unknown_key_error,
+    BUILTIN_CORPORA, COMPRESSION_SUFFIXES, DATA_FILE_FORMATS, NESTED_SECTIONS, SECTIONS, SPARSE_ADAMW_OPTIM,
+    TRAINING_RESERVED, Recipe, section_class, section_keys, sparsify_config, unknown_key_error,
 )
 from .typed import NULL_TOKENS, typed_values
 
@@ -75,6 +75,9 @@ def recipe_from_dict(raw: dict, where: str = "recipe", *, check: bool = True) ->
         values = raw.get(section)
         kwargs[section] = _build_section(cls, values, section, where) if cls else _typed_mapping(section, values, where)
     recipe = Recipe(**kwargs)
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    if recipe.model.name_or_path and "preset" not in model:
+        recipe.model.preset = None  # the preset's default gives way to name_or_path
     if check:
         _check_recipe(recipe, where)
     return recipe
@@ -83,10 +86,15 @@ def recipe_from_dict(raw: dict, where: str = "recipe", *, check: bool = True) ->
 def _check_recipe(recipe: Recipe, where: str) -> None:
     """Cross-field checks that need no file system or network."""
     data, model, tok = recipe.data, recipe.model, recipe.tokenizer
-    sources = [name for name in ("builtin", "text_files", "dataset") if getattr(data, name)]
+    sources = [name for name in ("builtin", "text_files", "data_files", "dataset") if getattr(data, name)]
     if len(sources) != 1:
-        raise ValueError(f"{where}: set exactly one of data.builtin, data.text_files, data.dataset (got "
-                         f"{', '.join(sources) or 'none'})")
+        raise ValueError(f"{where}: set exactly one of data.builtin, data.text_files, data.data_files, data.dataset "
+                         f"(got {', '.join(sources) or 'none'})")
+    if data.data_files:
+        data_file_format(data.data_files, where)
+    if data.validation_split and not data.dataset:
+        raise ValueError(f"{where}: data.validation_split = {data.validation_split!r} names a split of data.dataset; "
+                         f"with data.{sources[0]} remove it (data.validation_fraction holds documents out instead)")
     if data.builtin and data.builtin not in BUILTIN_CORPORA:
         raise ValueError(f"{where}: data.builtin = {data.builtin!r}; available: {', '.join(BUILTIN_CORPORA)}"
                          f"{did_you_mean(data.builtin, BUILTIN_CORPORA)}")
@@ -101,6 +109,54 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
     if tok.train_bpe is not None and tok.train_bpe.vocab_size < 260:
         raise ValueError(f"{where}: tokenizer.train_bpe.vocab_size = {tok.train_bpe.vocab_size}; a byte-level BPE "
                          "needs at least 260 (256 bytes + special tokens)")
+    if not 0 <= recipe.run.seed < 2**32:  # transformers.set_seed seeds numpy, which takes 32-bit seeds only
+        raise ValueError(f"{where}: run.seed = {recipe.run.seed}; expected an integer in [0, 2**32)")
+    threads = recipe.run.torch_threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"{where}: run.torch_threads = {threads!r}; expected a positive integer (threads per process) "
+                         "or null for torch's default")
+    for key in ("max_train_samples", "max_validation_samples"):
+        value = getattr(data, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: data.{key} = {value!r}; expected a positive number of blocks, or null for "
+                             "all of them")
+    _check_model(model, where)
+    sparsify_config(recipe, where=where)  # SparsifyConfig validation (ValueError naming the field)
+    _check_training(recipe.training, where, defaults=recipe_strategy_defaults(recipe))
+    gbs = recipe.run.global_batch_size
+    if gbs is not None and "gradient_accumulation_steps" in recipe.training:
+        raise ValueError(f"{where}: set either run.global_batch_size or training.gradient_accumulation_steps, not both "
+                         "(the accumulation is computed from the global batch)")
+
+
+def data_file_format(files: list[str], where: str = "recipe") -> str:
+    """The ``datasets`` builder (``text``, ``json``, ``parquet``, ``csv``) that reads ``data.data_files``,
+    from their extensions (a compression suffix such as ``.gz`` is looked through); one format for all."""
+    formats = {}
+    for name in files:
+        stem = name.lower()
+        for suffix in COMPRESSION_SUFFIXES:
+            stem = stem.removesuffix(suffix)
+        extension = os.path.splitext(stem)[1]
+        if extension not in DATA_FILE_FORMATS:
+            raise ValueError(f"{where}: data.data_files: {name!r} has no known data file extension (one of "
+                             f"{', '.join(DATA_FILE_FORMATS)}, optionally compressed); rename the file or convert it")
+        formats.setdefault(DATA_FILE_FORMATS[extension], name)
+    if len(formats) > 1:
+        shown = ", ".join(f"{fmt} ({name!r})" for fmt, name in formats.items())
+        raise ValueError(f"{where}: data.data_files mixes formats: {shown}; use files of one format")
+    return next(iter(formats))
+
+
+def _check_model(model, where: str) -> None:
+    """``model``: a preset or ``name_or_path`` (not both); a preset's resolved architecture is checked here, a
+    ``name_or_path`` config when it is read (:func:`hf_chts.recipe.models.pretrained_config`)."""
+    if (model.preset is None) == (model.name_or_path is None):
+        raise ValueError(f"{where}: set exactly one of model.preset (a LLaMA preset: {', '.join(MODEL_PRESETS)}) and "
+                         "model.name_or_path (a Hub model id or a local folder with a config.json); on the command "
+                         "line, --model.preset null clears the recipe's preset")
+    if model.name_or_path is not None:
+        return
     if model.preset not in MODEL_PRESETS:
         raise ValueError(f"{where}: model.preset = {model.preset!r}; available: {', '.join(MODEL_PRESETS)}"
                          f"{did_you_mean(model.preset, MODEL_PRESETS)}")
@@ -119,23 +175,6 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
     if settings["num_attention_heads"] % settings["num_key_value_heads"]:
         raise ValueError(f"{where}: model.num_attention_heads ({settings['num_attention_heads']}) must be a multiple "
                          f"of model.num_key_value_heads ({settings['num_key_value_heads']})")
-    if not 0 <= recipe.run.seed < 2**32:  # transformers.set_seed seeds numpy, which takes 32-bit seeds only
-        raise ValueError(f"{where}: run.seed = {recipe.run.seed}; expected an integer in [0, 2**32)")
-    threads = recipe.run.torch_threads
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"{where}: run.torch_threads = {threads!r}; expected a positive integer (threads per process) "
-                         "or null for torch's default")
-    for key in ("max_train_samples", "max_validation_samples"):
-        value = getattr(data, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{where}: data.{key} = {value!r}; expected a positive number of blocks, or null for "
-                             "all of them")
-    sparsify_config(recipe, where=where)  # SparsifyConfig validation (ValueError naming the field)
-    _check_training(recipe.training, where, defaults=recipe_strategy_defaults(recipe))
-    gbs = recipe.run.global_batch_size
-    if gbs is not None and "gradient_accumulation_steps" in recipe.training:
-        raise ValueError(f"{where}: set either run.global_batch_size or training.gradient_accumulation_steps, not both "
-                         "(the accumulation is computed from the global batch)")
 
 
 def check_schedule(recipe: Recipe) -> None:
