@@ -59,7 +59,7 @@ DEFAULT_METHODS = ["dense", "set", "rigl", "chts", "chtss@1.0", "chtss@0.5", "gm
 # The second protocol: the paper's LLaMA-60M run (10 000 steps, Δ 100 → 75 updates while t ≤ 7 500, 1 000 warm-up
 # steps, a 10-step LR re-warm-up in the released recipe, ~50 tokens per non-embedding parameter) scaled down in
 # proportion, not cut short: every step count is a fraction of the run.
-PAPER_METHODS = ["dense", "set", "rigl", "chts", "chtss@1.0", "chtss-released@0.5", "chts-released"]
+PAPER_METHODS = ["dense", "set", "rigl", "chts", "chtss@1.0", "chtss@0.5", "chtss-released@0.5", "chts-released"]
 PAPER_PROTOCOL = dict(hidden=24, ffn=64, layers=4, heads=4, seq=128, batch=8, vocab=512, updates=75,
                       tokens_per_param=20.0, lrs=[3e-3, 6e-3, 1.2e-2], densities=[0.3], zeta=0.1,
                       curve_points=20)

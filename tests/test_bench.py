@@ -94,6 +94,7 @@ def test_paper_protocol_scales_the_paper_run_down_in_proportion():
     interval = quality.update_interval(args)
     assert int(0.75 * args.steps) // interval >= 70  # ≥ 70 topology updates while t ≤ 0.75 T
     assert len(args.lrs) >= 3 and args.methods == quality.PAPER_METHODS and args.zeta == 0.1
+    assert {"dense", "set", "rigl", "chts", "chtss@1.0", "chtss-released@0.5", "chts-released"} <= set(args.methods)
     released = quality.sparsify_config(args, "chtss-released@0.5", 0.3, seed=0)
     assert released.parity and released.initial_density == 0.5 and released.decay_end_fraction == 0.8
     # the released 10-step re-warm-up per Δ = 100, scaled to this Δ
