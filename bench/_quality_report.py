@@ -204,14 +204,37 @@ def plot_curves(tested: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def side_by_side_table(before: list[dict], after: list[dict], label: str) -> str:
+    """Test perplexity per (method, density) of an earlier report (``before``: its quality.json summary) beside
+    this one's, with each run's chosen LR; a row missing on one side shows '-'."""
+    old = {(r["method"], r["density"]): r for r in before}
+    new = {(r["method"], r["density"]): r for r in after}
+    rows = []
+    for key in sorted(set(old) | set(new), key=lambda k: (-k[1], k[0])):
+        a, b = old.get(key), new.get(key)
+        cell = (lambda r: f"{r['test_ppl_mean']:.2f} ± {r['test_ppl_std']:.2f} (lr {r['lr']:g}, {r['seeds']} seeds)"
+                if r else "-")
+        change = f"{b['test_ppl_mean'] - a['test_ppl_mean']:+.2f}" if a and b else "-"
+        rows.append(dict(method=key[0], density=f"{key[1]:.2f}", before=cell(a), after=cell(b), change=change))
+    columns = [("method", "method"), ("density", "density"), ("before", f"test ppl {label}"),
+               ("after", "test ppl now"), ("change", "change")]
+    return common.table(rows, columns, f"Side by side: {label} and now")
+
+
 def write_report(out: Path, selection: list[dict], chosen: dict, tested: list[dict], budget: str,
-                 machine: dict) -> dict:
-    """Write quality_table.txt, quality.csv, quality.json and the curve PNGs into ``out``; return the text."""
+                 machine: dict, compare_with: Path | None = None) -> dict:
+    """Write quality_table.txt, quality.csv, quality.json and the curve PNGs into ``out``; return the text.
+    ``compare_with``: an earlier result folder whose quality.json summary is shown beside this one."""
     summary = summarize(tested)
     pairs = paired_differences(tested)
     diagnostics = schedule_diagnostics(tested)
     parts = [budget, selection_table(selection, chosen), test_table(summary), paired_table(pairs),
              diagnostics_table(diagnostics)]
+    if compare_with is not None:
+        import json
+
+        earlier = json.loads((Path(compare_with) / "quality.json").read_text(encoding="utf-8"))["summary"]
+        parts.append(side_by_side_table(earlier, summary, f"in {Path(compare_with).name}"))
     text = "\n\n".join(parts)
     (out / "quality_table.txt").write_text(text + "\n", encoding="utf-8")
     common.write_csv(out / "quality.csv", summary)

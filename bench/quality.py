@@ -265,6 +265,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "quality")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the runs already done")
+    parser.add_argument("--compare-with", type=Path, default=None,
+                        help="an earlier result folder (its quality.json) whose test perplexities are shown beside")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 methods, 1 density, 2 LRs")
     parser.add_argument("--protocol", choices=["short", "paper"], default="short",
                         help="short: the fixed-budget grid above (300 steps); paper: the paper's LLaMA-60M run "
@@ -404,7 +406,8 @@ def main(argv=None) -> dict:
             for method, density in group:
                 if (method, density) in chosen and (row := run(method, density, seed, chosen[(method, density)])):
                     tested.append(row)
-    result = report.write_report(args.out, selection, chosen, tested, budget, common.machine_info())
+    result = report.write_report(args.out, selection, chosen, tested, budget, common.machine_info(),
+                                 compare_with=args.compare_with)
     print()
     print(result["text"])
     return dict(result, budget=budget, selection=selection, tested=tested, chosen=chosen)

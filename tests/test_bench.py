@@ -131,6 +131,17 @@ def test_every_chtss_variant_is_paired_with_chts_set_and_every_method_with_dense
     assert ("set", "chts") not in pairs and ("dense", "dense") not in pairs
 
 
+def test_side_by_side_table_pairs_rows_by_method_and_density():
+    report = load("_quality_report")
+    row = lambda m, d, ppl, lr: dict(method=m, density=d, test_ppl_mean=ppl, test_ppl_std=1.0, lr=lr, seeds=3)
+    text = report.side_by_side_table([row("chtss@1.0", 0.3, 107.09, 3e-3), row("gmp", 0.1, 9.0, 1e-2)],
+                                     [row("chtss@1.0", 0.3, 95.5, 1e-2), row("set", 0.3, 60.0, 1e-2)], "before")
+    line = next(l for l in text.splitlines() if l.startswith("chtss@1.0"))
+    assert "107.09" in line and "95.50" in line and "-11.59" in line
+    assert "-" == next(l for l in text.splitlines() if l.startswith("set")).split()[2]  # no earlier row
+    assert next(l for l in text.splitlines() if l.startswith("gmp")).rstrip().endswith("-")
+
+
 @pytest.mark.slow
 def test_quality_quick(tmp_path):
     quality = load("quality")
