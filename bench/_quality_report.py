@@ -20,10 +20,12 @@ COMPARED_WITH_CHTSS = ("chts", "chts-released", "set")  # every CHTss variant âˆ
 
 
 def paired_methods(methods) -> list[tuple[str, str]]:
-    """The (a, b) pairs reported: every CHTss variant against CHTs (ours and released) and SET, then every
-    sparse method against dense."""
+    """The (a, b) pairs reported: every CHTss variant against CHTs (ours and released) and SET, the default
+    CHTss (from density 1.0) against the other start densities, then every sparse method against dense."""
     present = list(dict.fromkeys(methods))
     pairs = [(a, b) for a in present if a.startswith("chtss") for b in COMPARED_WITH_CHTSS if b in present]
+    if "chtss@1.0" in present:
+        pairs += [("chtss@1.0", b) for b in present if b.startswith("chtss") and b != "chtss@1.0"]
     return pairs + [(a, "dense") for a in present if a != "dense" and "dense" in present]
 
 
