@@ -210,6 +210,7 @@ def test_interrupted_swap_is_recovered_by_the_next_save(tmp_path, monkeypatch, s
     assert hf_chts_leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # the longest default-tier tests (5-10 s each); CI runs the slow tier too
 def test_kill_before_the_swap_keeps_the_old_checkpoint(tmp_path):
     """A subprocess killed (os._exit, no cleanup) after writing and syncing the new checkpoint, before the swap."""
     old, new = build(0), build(1)

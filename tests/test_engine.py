@@ -40,6 +40,7 @@ def assert_masking_invariant(engine, optimizer):
                 assert torch.all(value[~storage_mask] == 0), key
 
 
+@pytest.mark.slow  # the longest default-tier tests (5-10 s each); CI runs the slow tier too
 @pytest.mark.parametrize("model_type", ["llama"])
 def test_chtss_run_follows_the_schedule_and_keeps_the_invariant(make_tiny_model, model_type):
     model = make_tiny_model(model_type)

@@ -117,6 +117,7 @@ def test_removal_and_regrowth_use_the_configured_alpha_and_rule():
             assert any(not torch.equal(references[i][n], references[j][n]) for n in references[i]), (combos[i], combos[j])
 
 
+@pytest.mark.slow  # the longest default-tier tests (5-10 s each); CI runs the slow tier too
 def test_soft_removal_samples_at_the_scheduled_temperature_with_the_configured_alpha():
     # constant T = 0.85/0.15 = 5.67 and α = 0.5, rigid CH2-L3n regrowth, no percolation
     config = SparsifyConfig(method="chts", target_density=0.5, update_interval=INTERVAL, removal_alpha=0.5,

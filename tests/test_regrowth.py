@@ -116,6 +116,7 @@ def test_too_few_positive_scores_are_all_taken_then_filled_at_random(method):
     assert len(fillers) > 1  # the fill is random, not e.g. the lowest indices
 
 
+@pytest.mark.slow  # the longest default-tier tests (5-10 s each); CI runs the slow tier too
 def test_soft_selection_frequencies_follow_scores():
     mask = random_mask(5, 6, 0.4, seed=4)
     scores = ch_l3n_scores(mask, "ch2").flatten()

@@ -112,6 +112,7 @@ def test_delta_one_is_top_k_by_importance(alpha):
     assert torch.equal(kept, prune_to_count(weight, mask, n_keep, alpha))
 
 
+@pytest.mark.slow  # the longest default-tier tests (5-10 s each); CI runs the slow tier too
 def test_soft_removal_keep_frequencies_follow_importance_to_the_temperature():
     weight = torch.tensor([[0.5, 1.0, 0.0], [2.0, 0.0, 3.0]])
     mask = weight != 0
