@@ -223,12 +223,12 @@ def test_local_task_yaml_loads_without_lm_eval_warnings(workspace, caplog):
 
 @pytest.mark.slow
 def test_eval_refuses_an_unknown_task_before_loading_the_model(workspace, monkeypatch, capsys):
-    import hf_chts.checkpointing.loading as loading
+    import hf_chts.checkpoint as checkpoint
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the task names were checked")
 
-    monkeypatch.setattr(loading, "load_sparse", must_not_load)
+    monkeypatch.setattr(checkpoint, "load_sparse", must_not_load)  # what `hf-chts eval` loads with
     code = cli_main(["eval", str(workspace["root"] / "dense"), "--tasks", f"{CHOICE},hfchts_no_such_task",
                      "--include-path", str(workspace["tasks"])])
     assert code == 2
