@@ -4,6 +4,7 @@ checkpoint save, a failing evaluation, and values that must be refused before th
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -169,7 +170,7 @@ def _killed_run(mode: str, target: Path, step: str, cwd: Path):
     assert done.returncode == FAULT_EXIT_CODE, done.stderr[-3000:]
 
 
-def _assert_resume_skips_the_killed_save(out: Path, capsys, first: str, killed: str):
+def _assert_resume_skips_the_killed_save(out: Path, caplog, first: str, killed: str):
     """The killed checkpoint is absent or incomplete (never an empty folder); resume takes ``first``."""
     from hf_chts.recipe.resume import incomplete_reason
 
@@ -178,28 +179,29 @@ def _assert_resume_skips_the_killed_save(out: Path, capsys, first: str, killed: 
         assert any(killed_folder.iterdir()), "an empty checkpoint folder was left behind"
         assert incomplete_reason(killed_folder) is not None
     recipe = R.recipe_from_dict({"run": {"output_dir": str(out)}}, check=False)
-    assert R.last_checkpoint(recipe, report=True) == str(out / first)
-    err = capsys.readouterr().err
-    assert (str(killed_folder) in err) == killed_folder.exists(), err
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_chts"):  # the skipped folders are named in a warning
+        assert R.last_checkpoint(recipe, report=True) == str(out / first)
+    assert (str(killed_folder) in caplog.text) == killed_folder.exists(), caplog.text
 
 
-def test_a_kill_during_a_later_checkpoint_save_leaves_the_earlier_one_to_resume(tmp_path, capsys):
+def test_a_kill_during_a_later_checkpoint_save_leaves_the_earlier_one_to_resume(tmp_path, caplog):
     """Killed between the hf_chts save's sync and its swap (the Trainer had made checkpoint-4/ already)."""
     _killed_run("trainer", tmp_path / "out", "synced", tmp_path)
-    _assert_resume_skips_the_killed_save(tmp_path / "out", capsys, "checkpoint-2", "checkpoint-4")
+    _assert_resume_skips_the_killed_save(tmp_path / "out", caplog, "checkpoint-2", "checkpoint-4")
     assert not (tmp_path / "out" / "checkpoint-4").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("step", KILL_STEPS)
-def test_a_kill_at_each_commit_step_of_a_later_save_never_blocks_resume(tmp_path, capsys, step):
+def test_a_kill_at_each_commit_step_of_a_later_save_never_blocks_resume(tmp_path, caplog, step):
     from trainer_utils import make_trainer
     from conftest import tiny_model
     from hf_chts import SparsifyConfig
 
     out = tmp_path / "out"
     _killed_run("trainer", out, step, tmp_path)
-    _assert_resume_skips_the_killed_save(out, capsys, "checkpoint-2", "checkpoint-4")
+    _assert_resume_skips_the_killed_save(out, caplog, "checkpoint-2", "checkpoint-4")
     recipe = R.recipe_from_dict({"run": {"output_dir": str(out)}}, check=False)
     config = SparsifyConfig(method="chtss", target_density=0.5, update_interval=2, seed=0)
     trainer, callback = make_trainer(tiny_model("llama"), out, config, max_steps=6, save_strategy="steps",
