@@ -40,7 +40,9 @@ from .data import (
     pack_blocks,
     train_bpe_tokenizer,
 )
-from .models import build_model, check_model_source, configure_torch, model_config, parameter_count, pretrained_config
+from .models import (
+    build_model, check_model_source, configure_torch, model_config, parameter_count, pretrained_config, process_state,
+)
 from .presets import MODEL_PRESETS, model_settings
 from .run import dense_baseline_recipe, last_checkpoint, run_recipe, train_command, train_dense_baseline
 from .loading import load_recipe
@@ -111,6 +113,7 @@ __all__ = [
     "DENSE_BASELINE_DIR",
     "collate_blocks",
     "configure_torch",
+    "process_state",
     "Corpus",
     "DataSection",
     "eval_command_line",

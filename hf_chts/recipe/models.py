@@ -171,6 +171,16 @@ def parameter_count(preset: str, vocab_size: int | None = None, **overrides) -> 
             "sparsifiable": sparsifiable}
 
 
+def process_state():
+    """accelerate's ``PartialState`` of this process. Without CUDA it is asked for CPU processes: under
+    ``accelerate launch`` on CPUs a bare ``PartialState()`` reports a single process on every rank, so each
+    rank would act as the main one (claim the run folder, write files); with ``cpu=True`` each rank gets its
+    index and a gloo process group."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def configure_torch(recipe: Recipe) -> None:
     """Per-process torch settings of the recipe (``run.torch_threads``)."""
     if recipe.run.torch_threads:

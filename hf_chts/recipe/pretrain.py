@@ -24,8 +24,6 @@ import argparse
 import logging
 import time
 
-from accelerate import PartialState
-
 import hf_chts
 from hf_chts import sparsify
 from hf_chts import recipe as R
@@ -51,7 +49,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     R.configure_torch(recipe)  # run.torch_threads
-    state = PartialState()  # one process, or one of many under `accelerate launch`
+    state = R.process_state()  # one process, or one of many under `accelerate launch` (CPU ranks included)
 
     # 2. Data and tokenizer: documents -> (BPE trained and cached, or a Hub tokenizer) -> packed blocks.
     #    The main process goes first so dataset and tokenizer caches are written once.

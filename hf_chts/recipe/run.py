@@ -11,7 +11,7 @@ import torch
 from ..deepspeed_check import refuse_deepspeed
 from .corpus import load_corpus
 from .data import build_lm_datasets, build_tokenizer
-from .models import build_model, configure_torch
+from .models import build_model, configure_torch, process_state
 from .loading import load_recipe
 from .paths import check_output_dir, prepare_output_dir, release_output_dir
 from .resume import last_checkpoint
@@ -55,8 +55,6 @@ def run_recipe(recipe: Recipe, *, mode: str | None = None) -> dict[str, Any]:
     ``mode`` is :func:`check_output_dir`'s answer when the caller has already
     checked the output folder (``train_command``); otherwise it is checked here.
     """
-    from accelerate import PartialState
-
     from ..model import sparsify
 
     started = time.time()
@@ -65,7 +63,7 @@ def run_recipe(recipe: Recipe, *, mode: str | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     configure_torch(recipe)
     try:
-        state = PartialState()
+        state = process_state()
         if mode is None:
             mode = check_output_dir(recipe)  # every rank checks before anyone writes
         with state.main_process_first():
