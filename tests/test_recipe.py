@@ -611,6 +611,9 @@ def test_finish_run_with_sharded_weights_uses_collective_eval_and_gathered_state
     from hf_chts import load_sparse
     from hf_chts.layers import sparse_layers
 
+    import logging
+
+    caplog.set_level(logging.INFO, logger="hf_chts")  # the skip is an info record (alone, not only after a CLI test)
     recipe, model, data = _finish_run_inputs(tmp_path)
     calls = []
     trainer = _FakeTrainer(model, calls)

@@ -24,7 +24,6 @@ import argparse
 import logging
 import time
 
-import hf_chts
 from hf_chts import sparsify
 from hf_chts import recipe as R
 from hf_chts.verbosity import enable_command_line_messages, follow_trainer_log_level
@@ -93,27 +92,12 @@ def main(argv=None):
 
     # 8. Evaluate: the validation loss through the Trainer, the ranks' ids and, with FSDP2-sharded
     #    weights, the full state dict. Collective: every rank takes part.
-    metrics = R.evaluate_perplexity(recipe, trainer)
-    ranks = R.gather_ranks()
-    full_state_dict = R.gather_full_state_dict(trainer)
-
     # 9. The main process saves the sparse checkpoint final/, reloads it with load_sparse and checks
     #    that it reproduces the trained model, runs lm-eval on it (scores added to final/'s model card),
-    #    and writes run_summary.json + plot.
-    if trainer.is_world_process_zero():
-        model = trainer.model
-        report = hf_chts.sparsity_report(model)
-        final_dir = R.save_final_checkpoint(recipe, trainer, tokenizer, full_state_dict)
-        full_state_dict = None
-        reloaded = R.reload_final_checkpoint(recipe, model, final_dir)
-        reload_check = R.check_reload(recipe, model, reloaded, data, final_dir)
-        lm_eval = R.run_lm_eval(recipe, reloaded if reloaded is not None else model, tokenizer, data)
-        R.add_results_to_final_card(model, final_dir, lm_eval)  # the scores reach final/README.md
-        summary = R.build_summary(recipe, trainer, callback, data, report=report, metrics=metrics, ranks=ranks,
-                                  reload_check=reload_check, lm_eval=lm_eval, final_dir=final_dir, started=started,
-                                  train_output=output, dense_baseline=dense_baseline)
-        R.write_summary(recipe, summary)
-    trainer.accelerator.wait_for_everyone()
+    #    and writes run_summary.json + plot. A step of 9 that fails is recorded in the summary, which is
+    #    written anyway, and the run then fails (EvaluationAfterTrainingError): the trained model is kept.
+    R.finish_run(recipe, trainer, callback, tokenizer, data, started=started, train_output=output,
+                 dense_baseline=dense_baseline)
 
 
 if __name__ == "__main__":
