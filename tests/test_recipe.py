@@ -730,7 +730,7 @@ def test_pretrain_script_builds_callback_and_trainer_through_the_library(tmp_pat
 
 
 def test_pretrain_script_runs_the_end_of_run_steps_like_finish_run(tmp_path, monkeypatch):
-    """recipes/pretrain.py spells out finish_run's steps: same summary fields, same collective calls, same files."""
+    """recipes/pretrain.py ends with finish_run: same summary fields, same collective calls, same files."""
     import importlib.util
     from types import SimpleNamespace
 

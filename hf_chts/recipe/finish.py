@@ -182,7 +182,8 @@ def add_results_to_final_card(model, final_dir: Path, lm_eval: dict[str, Any] | 
 # ---------------------------------------------------------------- all steps in order
 def finish_run(recipe: Recipe, trainer, callback, tokenizer, data: LMData, *, started: float,
                train_output=None, dense_baseline: dict | None = None) -> dict[str, Any]:
-    """The steps of this module in order (what ``recipes/pretrain.py`` spells out).
+    """The steps of this module in order; ``hf-chts train`` and ``hf_chts.recipe.pretrain``
+    (``accelerate launch``) both end with it.
 
     Every process must call it (evaluation is collective); only the main
     process writes files. Returns the summary (the main process's copy).
